@@ -1,0 +1,98 @@
+"""The bundle on disk: the one contract between ``ram_edge.export`` (writer) and ``ram_edge.runtime``
+(reader). Numpy-free and torch-free. The full specification is ``docs/bundle.md``.
+
+A bundle directory holds::
+
+    manifest.json            written last: a directory without it is not a bundle
+    encoder.onnx             pixel_values (B,3,S,S) float32 -> image_embeds (B,1+N,E) float32
+    decoder.onnx             image_embeds (B,1+N,E), label_embed (T,D,E) float32, label_mask (T,D) bool
+                             -> logits (B,T) float32
+    vocabulary/              the default vocabulary, in the format of ``ram_edge.vocabulary``
+    NOTICE.recognize-anything.txt   when the official tag data is included
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Union
+
+FORMAT_NAME = "ram-edge-bundle"
+FORMAT_VERSION = 1
+
+MANIFEST_FILE = "manifest.json"
+ENCODER_FILE = "encoder.onnx"
+DECODER_FILE = "decoder.onnx"
+VOCABULARY_DIR = "vocabulary"
+
+# Graph input / output names (also recorded in the manifest, which is what readers should trust).
+PIXEL_VALUES = "pixel_values"
+IMAGE_EMBEDS = "image_embeds"
+LABEL_EMBED = "label_embed"
+LABEL_MASK = "label_mask"
+LOGITS = "logits"
+
+# Upstream preprocessing (ARCHITECTURE.md): RGB, Pillow bilinear resize to S x S, /255, normalise.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BundleError(ValueError):
+    """A bundle directory is missing, incomplete, corrupt or of an unsupported format."""
+
+
+def sha256_file(path: Union[str, os.PathLike], chunk_size: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def preprocessing_spec(image_size: int) -> Dict[str, Any]:
+    return {
+        "color": "RGB",
+        "resize": [image_size, image_size],
+        "interpolation": "bilinear",
+        "antialias": True,
+        "keep_aspect_ratio": False,
+        "scale": 1.0 / 255.0,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "layout": "NCHW",
+        "dtype": "float32",
+    }
+
+
+def read_manifest(bundle_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """Parse ``manifest.json`` and check the format; file hashes are checked by the runtime's loader."""
+    bundle_dir = Path(bundle_dir)
+    path = bundle_dir / MANIFEST_FILE
+    if not bundle_dir.is_dir():
+        raise BundleError(f"{bundle_dir}: not a directory. Pass the folder that `ram-export --out` wrote.")
+    if not path.is_file():
+        raise BundleError(
+            f"{bundle_dir}: no {MANIFEST_FILE}, so this is not a complete bundle (an export that failed or was "
+            "interrupted leaves none). Re-run `ram-export`."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: unreadable manifest ({e}). Re-run `ram-export`.") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise BundleError(f"{path}: not a ram-edge bundle manifest (format is {manifest.get('format')!r}).")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: bundle format version {version}, this ram-edge reads version {FORMAT_VERSION}. "
+            "Re-export the bundle with this ram-edge, or install the ram-edge that wrote it."
+        )
+    return manifest
+
+
+def write_json(path: Union[str, os.PathLike], data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1, ensure_ascii=False)
+        f.write("\n")
