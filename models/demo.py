@@ -1,0 +1,61 @@
+"""Seeded random ("demo") weights for any configuration, so the whole pipeline runs without a checkpoint.
+
+Same seed, same configuration, same torch version: the same weights. Label embeddings are unit-norm rows,
+like the CLIP text embeddings of the real vocabularies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Optional, Union
+
+import torch
+
+from ram_edge.tags import TagSet
+
+from .config import RAMConfig, preset
+from .tagging import RAMTagger
+
+WEIGHT_STD = 0.02
+
+
+@torch.no_grad()
+def demo_model(config: Union[str, RAMConfig], seed: int = 0, tags: Optional[TagSet] = None, num_tags: Optional[int] = None) -> RAMTagger:
+    """A model of ``config`` (a preset name or a RAMConfig) with seeded random weights, in eval mode.
+
+    ``num_tags`` shrinks or grows the default vocabulary (names ``tag_<i>`` unless ``tags`` is given).
+    """
+    if isinstance(config, str):
+        config = preset(config)
+    if tags is not None:
+        num_tags = len(tags)
+    if num_tags is not None and num_tags != config.num_tags:
+        config = replace(config, num_tags=num_tags)
+    model = RAMTagger(config, tags)
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(shape, std):
+        # Truncated at 2 std like timm's trunc_normal_, drawn from our generator for reproducibility.
+        return (torch.randn(shape, generator=generator) * std).clamp_(-2 * std, 2 * std)
+
+    for name, param in model.named_parameters():
+        if name == "label_embed":
+            rows = torch.randn(param.shape, generator=generator)
+            param.copy_(rows / rows.norm(dim=-1, keepdim=True))
+        elif name == "reweight_scale":
+            param.fill_(math.log(1 / 0.07))  # CLIP's initial temperature
+        elif "norm" in name.lower() and param.ndim == 1:
+            # LayerNorm: weight near 1, bias near 0 (not exactly, so tests see non-trivial affine terms).
+            base = 1.0 if name.endswith("weight") else 0.0
+            param.copy_(base + normal(param.shape, WEIGHT_STD))
+        elif name == "fc.weight":
+            # The decoder output is LayerNorm-ed; this spreads logits to a std of about 2, so demo
+            # probabilities cover (0, 1) and some tags pass the official thresholds.
+            param.copy_(normal(param.shape, 2.0 / math.sqrt(param.shape[1]) * 1.2))
+        else:
+            param.copy_(normal(param.shape, WEIGHT_STD))
+    for module in model.modules():
+        if hasattr(module, "refresh_bias"):
+            module.refresh_bias()
+    return model.eval()
