@@ -1,0 +1,117 @@
+"""``ram-export``: an official checkpoint (or seeded demo weights) -> a verified bundle directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from typing import List, Optional
+
+EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EPILOG = """\
+examples:
+  ram-export --checkpoint ram_plus_swin_large_14m.pth --precision fp16 --out bundles/ram_plus_fp16
+  ram-export --checkpoint ram_swin_large_14m.pth --out bundles/ram        (RAM: architecture inferred)
+  ram-export --demo ram_plus_swin_l_384 --out bundles/demo               (seeded random weights)
+  ram-export --demo ram_plus_tiny_384 --out bundles/tiny                 (seconds; for trying things out)
+
+exit status: 0 bundle written; 1 the graphs failed verification (nothing written);
+             2 bad arguments, checkpoint or output path; 130 interrupted (nothing written)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ram_edge.export.precision import PRECISIONS
+    from ram_edge.models.config import PRESETS
+
+    parser = argparse.ArgumentParser(
+        prog="ram-export",
+        description="Export a RAM++ / RAM model to a bundle: encoder.onnx, decoder.onnx (the vocabulary is "
+        "an input), the default vocabulary and a manifest. Both graphs are checked against torch before "
+        "the bundle appears at --out.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="PATH", help="official .pth (or bare state dict, or .safetensors); architecture inferred")
+    source.add_argument("--demo", metavar="VARIANT", choices=sorted(PRESETS), help="seeded random weights of a preset: " + ", ".join(sorted(PRESETS)))
+    parser.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default fp32)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
+    parser.add_argument("--max-batch", type=int, default=32, help="largest batch the bundle is meant for; recorded for TensorRT profiles (default 32)")
+    parser.add_argument("--image-size", type=int, help="input size; default 384 for window 12, 224 for window 7")
+    parser.add_argument("--tags", metavar="FILE", help="tag names, one a line, in the checkpoint's class order (default: the official 4,585)")
+    parser.add_argument("--variant", metavar="NAME", help="preset the checkpoint must match (a check; shapes are inferred)")
+    parser.add_argument("--decoder-heads", type=int, default=4, help="tagging-head attention heads (default 4, as official)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --demo weights (default 0)")
+    parser.add_argument("--num-tags", type=int, help="with --demo: vocabulary size (default: the official 4,585)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out (only once the new one is complete)")
+    parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check (not recommended)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="  %(message)s", stream=sys.stderr)
+    say("importing torch and the exporter")
+    try:
+        from ram_edge.export import ExportError, VerificationError, export_bundle
+        from ram_edge.export.bundle import check_output_dir
+        from ram_edge.models import CheckpointError, demo_model, load_checkpoint
+        from ram_edge.models.checkpoint import as_tag_set
+
+        check_output_dir(args.out, args.overwrite)
+
+        if args.checkpoint:
+            say(f"loading {args.checkpoint}")
+            model = load_checkpoint(
+                args.checkpoint, image_size=args.image_size, decoder_heads=args.decoder_heads, tags=args.tags, variant=args.variant
+            )
+            source = args.checkpoint.replace("\\", "/").split("/")[-1]
+        else:
+            say(f"building {args.demo} with demo weights (seed {args.seed})")
+            if args.image_size or args.variant:
+                raise ValueError("--image-size and --variant apply to --checkpoint; a --demo preset fixes both")
+            model = demo_model(args.demo, seed=args.seed, tags=as_tag_set(args.tags) if args.tags else None, num_tags=args.num_tags)
+            source = f"demo:seed={args.seed}"
+        config = model.config
+        say(
+            f"model: {config.kind} {config.variant}, image {config.image_size}, Swin {config.swin.embed_dim}/"
+            f"{'-'.join(map(str, config.swin.depths))}, {config.num_tags} tags x {config.descriptions_per_tag} descriptions"
+        )
+        result = export_bundle(
+            model,
+            args.out,
+            precision=args.precision,
+            opset=args.opset,
+            max_batch=args.max_batch,
+            source=source,
+            overwrite=args.overwrite,
+            verify=not args.no_verify,
+            progress=say,
+        )
+    except KeyboardInterrupt:
+        print("ram-export: interrupted; no bundle was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except VerificationError as e:
+        print(f"ram-export: {e}", file=sys.stderr)
+        return EXIT_VERIFICATION_FAILED
+    except (CheckpointError, ExportError, ValueError, KeyError, OSError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"ram-export: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    print(result.directory)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
