@@ -1,1 +1,32 @@
-"""placeholder"""
+"""Torch-free inference for ram-edge bundles: numpy, Pillow and a backend (onnxruntime; TensorRT later).
+
+    from ram_edge.runtime import Tagger
+    tagger = Tagger("bundle/")
+    print(tagger.tag("photo.jpg").tags)
+
+Importing this package imports neither torch, onnx, onnxruntime nor tensorrt: backends load lazily.
+"""
+
+from ram_edge.bundle_format import BundleError
+from ram_edge.vocabulary import Vocabulary
+
+from .backends import Backend, TensorInfo, available_backends, get_backend_class, register_backend
+from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Preprocessor
+from .tagger import TagResult, Tagger, sigmoid
+
+__all__ = [
+    "Backend",
+    "BundleError",
+    "DEFAULT_MAX_PIXELS",
+    "IMAGE_EXTENSIONS",
+    "ImageError",
+    "Preprocessor",
+    "TagResult",
+    "Tagger",
+    "TensorInfo",
+    "Vocabulary",
+    "available_backends",
+    "get_backend_class",
+    "register_backend",
+    "sigmoid",
+]

@@ -1,0 +1,158 @@
+"""onnxruntime backend. ``onnxruntime`` is imported in ``activate``, not at module import."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .base import Backend, TensorInfo
+
+# onnxruntime's type strings -> numpy dtypes (the ones a bundle can contain).
+_ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+}
+
+# Providers whose tensors live in CUDA memory: constant inputs are kept there.
+_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+
+Provider = Union[str, Tuple[str, Dict[str, Any]]]
+
+
+def default_providers(available: Sequence[str]) -> List[str]:
+    """CUDA first when this onnxruntime build has it, then CPU. (Not TensorRT: its engine build takes
+    minutes at first load; ask for it explicitly.)"""
+    chosen = ["CUDAExecutionProvider"] if "CUDAExecutionProvider" in available else []
+    return chosen + ["CPUExecutionProvider"]
+
+
+def resolve_providers(providers: Optional[Sequence[Provider]], available: Sequence[str]) -> List[Provider]:
+    if providers is None:
+        return list(default_providers(available))
+    if isinstance(providers, str):
+        providers = [providers]
+    resolved: List[Provider] = []
+    for p in providers:
+        name = p if isinstance(p, str) else p[0]
+        if name not in available:
+            raise ValueError(
+                f"onnxruntime execution provider {name!r} is not available in this onnxruntime build "
+                f"(available: {', '.join(available)}). For CUDA install onnxruntime-gpu instead of onnxruntime."
+            )
+        resolved.append(p)
+    if not resolved:
+        raise ValueError("providers is empty; pass None for the default or e.g. ['CPUExecutionProvider']")
+    return resolved
+
+
+class OnnxRuntimeBackend(Backend):
+    """One ``onnxruntime.InferenceSession`` (graph optimisation level ALL).
+
+    providers:        onnxruntime provider names (or (name, options) pairs); None: CUDA when available,
+                      then CPU.
+    intra_op_threads: threads for one operator; None lets onnxruntime use one per physical core.
+    """
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        model_path,
+        providers: Optional[Sequence[Provider]] = None,
+        intra_op_threads: Optional[int] = None,
+        inter_op_threads: Optional[int] = None,
+    ):
+        super().__init__(model_path)
+        self.requested_providers = providers
+        self.intra_op_threads = intra_op_threads
+        self.inter_op_threads = inter_op_threads
+        self._session = None
+        self._ort = None
+        self._inputs: Tuple[TensorInfo, ...] = ()
+        self._outputs: Tuple[TensorInfo, ...] = ()
+        self._output_names: List[str] = []
+        self._device: Tuple[str, int] = ("cpu", 0)
+        self._device_constants: Dict[str, Any] = {}
+
+    # -- life cycle ----------------------------------------------------------------------------------
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.intra_op_threads is not None:
+            options.intra_op_num_threads = int(self.intra_op_threads)
+        if self.inter_op_threads is not None:
+            options.inter_op_num_threads = int(self.inter_op_threads)
+        providers = resolve_providers(self.requested_providers, ort.get_available_providers())
+        self._session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
+        self._inputs = tuple(_tensor_info(a) for a in self._session.get_inputs())
+        self._outputs = tuple(_tensor_info(a) for a in self._session.get_outputs())
+        self._output_names = [t.name for t in self._outputs]
+        first = self._session.get_providers()[0]
+        if first in _CUDA_PROVIDERS:
+            device_id = self._session.get_provider_options().get(first, {}).get("device_id", 0)
+            self._device = ("cuda", int(device_id))
+        else:
+            self._device = ("cpu", 0)
+
+    def _deactivate(self) -> None:
+        self._device_constants = {}
+        self._constants = {}
+        self._session = None
+
+    @property
+    def providers(self) -> List[str]:
+        """The providers the session actually uses (after onnxruntime's fallbacks)."""
+        self._require_active()
+        return list(self._session.get_providers())
+
+    @property
+    def device(self) -> str:
+        return self._device[0]
+
+    def input_metadata(self) -> Tuple[TensorInfo, ...]:
+        self._require_active()
+        return self._inputs
+
+    def output_metadata(self) -> Tuple[TensorInfo, ...]:
+        self._require_active()
+        return self._outputs
+
+    # -- inference -----------------------------------------------------------------------------------
+    def _on_constants_changed(self) -> None:
+        # On CPU onnxruntime reads a C-contiguous numpy array of the right dtype in place, so the arrays
+        # are simply kept. On a CUDA device they are copied to device memory once here; otherwise every
+        # run would copy the whole vocabulary (hundreds of MB for RAM++) host -> device.
+        self._device_constants = {}
+        if self._device[0] == "cuda":
+            kind, index = self._device
+            for name, array in self._constants.items():
+                self._device_constants[name] = self._ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(array), kind, index
+                )
+
+    def _infer(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        if self._device_constants:
+            ort_feeds = dict(self._device_constants)
+            for name, array in feeds.items():
+                ort_feeds[name] = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
+            values = self._session.run_with_ort_values(self._output_names, ort_feeds)
+            return {name: value.numpy() for name, value in zip(self._output_names, values)}
+        merged = dict(self._constants)
+        merged.update(feeds)
+        outputs = self._session.run(self._output_names, merged)
+        return dict(zip(self._output_names, outputs))
+
+
+def _tensor_info(arg) -> TensorInfo:
+    shape = tuple(d if isinstance(d, (int, str)) or d is None else None for d in (arg.shape or ()))
+    return TensorInfo(arg.name, shape, np.dtype(_ORT_DTYPES.get(arg.type, np.void)))

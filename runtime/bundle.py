@@ -1,0 +1,237 @@
+"""Opening a bundle for inference: manifest, file integrity and graph I/O agreement (docs/bundle.md).
+
+Everything wrong with a bundle raises :class:`ram_edge.bundle_format.BundleError` naming the file and
+what to do, at load time rather than at the first image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Dict, Mapping, Sequence, Tuple
+
+import numpy as np
+
+from ram_edge.bundle_format import MANIFEST_FILE, BundleError, read_manifest, sha256_file
+from ram_edge.tags import DEFAULT_THRESHOLD
+
+from .backends.base import Backend, TensorInfo
+
+_MANIFEST_DTYPES = {"float32": np.float32, "float16": np.float16, "bool": np.bool_, "int64": np.int64}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """One graph as the manifest declares it."""
+
+    file: str
+    inputs: Tuple[TensorInfo, ...]
+    outputs: Tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class BundleInfo:
+    """What the runtime needs from a bundle's manifest, checked."""
+
+    path: Path
+    manifest: Dict[str, Any]
+    image_size: int
+    embed_dim: int
+    num_image_tokens: int
+    default_threshold: float
+    encoder: GraphSpec
+    decoder: GraphSpec
+    vocabulary_dir: Path
+
+    @property
+    def encoder_path(self) -> Path:
+        return self.path / self.encoder.file
+
+    @property
+    def decoder_path(self) -> Path:
+        return self.path / self.decoder.file
+
+    # The graphs' I/O names by role (the manifest is what readers trust, see bundle_format).
+    @property
+    def pixel_values_name(self) -> str:
+        return self.encoder.inputs[0].name
+
+    @property
+    def image_embeds_name(self) -> str:
+        return self.decoder.inputs[0].name
+
+    @property
+    def label_embed_name(self) -> str:
+        return self.decoder.inputs[1].name
+
+    @property
+    def label_mask_name(self) -> str:
+        return self.decoder.inputs[2].name
+
+    @property
+    def logits_name(self) -> str:
+        return self.decoder.outputs[0].name
+
+
+def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
+    """Read and check ``manifest.json``; with ``verify_files`` also the sha256 of every listed file."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    where = bundle_dir / MANIFEST_FILE
+
+    def get(mapping: Mapping, key: str, kind, context: str):
+        value = mapping.get(key) if isinstance(mapping, Mapping) else None
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+            raise BundleError(f"{where}: {context}{key!r} is missing or not a {getattr(kind, '__name__', kind)}. "
+                              "Re-run `ram-export`.")
+        return value
+
+    model = get(manifest, "model", dict, "")
+    image_size = get(model, "image_size", int, "model.")
+    embed_dim = get(model, "embed_dim", int, "model.")
+    num_image_tokens = get(model, "num_image_tokens", int, "model.")
+    graphs = get(manifest, "graphs", dict, "")
+    encoder = _graph_spec(get(graphs, "encoder", dict, "graphs."), "encoder", where, 1, 1)
+    decoder = _graph_spec(get(graphs, "decoder", dict, "graphs."), "decoder", where, 3, 1)
+    vocab_meta = manifest.get("vocabulary") or {}
+    vocab_dir = vocab_meta.get("dir", "vocabulary") if isinstance(vocab_meta, dict) else "vocabulary"
+    default_threshold = vocab_meta.get("default_threshold", DEFAULT_THRESHOLD) if isinstance(vocab_meta, dict) \
+        else DEFAULT_THRESHOLD
+    if not isinstance(default_threshold, (int, float)) or not 0.0 <= float(default_threshold) <= 1.0:
+        raise BundleError(f"{where}: vocabulary.default_threshold is {default_threshold!r}, not in [0, 1]")
+
+    info = BundleInfo(
+        path=bundle_dir,
+        manifest=manifest,
+        image_size=image_size,
+        embed_dim=embed_dim,
+        num_image_tokens=num_image_tokens,
+        default_threshold=float(default_threshold),
+        encoder=encoder,
+        decoder=decoder,
+        vocabulary_dir=bundle_dir / _safe_relative(vocab_dir, where),
+    )
+    _check_declared_shapes(info, where)
+    _check_files(info, get(manifest, "files", dict, ""), where, verify_files)
+    return info
+
+
+def _graph_spec(spec: Mapping, role: str, where: Path, n_inputs: int, n_outputs: int) -> GraphSpec:
+    def tensors(key: str, count: int) -> Tuple[TensorInfo, ...]:
+        items = spec.get(key)
+        if not isinstance(items, list) or len(items) != count:
+            raise BundleError(f"{where}: graphs.{role}.{key} must list {count} tensor(s). Re-run `ram-export`.")
+        out = []
+        for item in items:
+            try:
+                shape = tuple(item["shape"])
+                dtype = np.dtype(_MANIFEST_DTYPES[item["dtype"]])
+                out.append(TensorInfo(str(item["name"]), shape, dtype))
+            except (KeyError, TypeError) as e:
+                raise BundleError(f"{where}: graphs.{role}.{key}: malformed entry {item!r} ({e})") from None
+        return tuple(out)
+
+    file = spec.get("file")
+    if not isinstance(file, str):
+        raise BundleError(f"{where}: graphs.{role}.file is missing")
+    _safe_relative(file, where)
+    return GraphSpec(file, tensors("inputs", n_inputs), tensors("outputs", n_outputs))
+
+
+def _safe_relative(rel: str, where: Path) -> str:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise BundleError(f"{where}: path {rel!r} must be relative and inside the bundle")
+    return rel
+
+
+def _check_files(info: BundleInfo, files: Mapping[str, Any], where: Path, verify: bool) -> None:
+    for required in (info.encoder.file, info.decoder.file):
+        if required not in files:
+            raise BundleError(f"{where}: 'files' lists no sha256 for {required}. Re-run `ram-export`.")
+    for rel, digest in files.items():
+        path = info.path / _safe_relative(rel, where)
+        if not path.is_file():
+            raise BundleError(
+                f"{path}: listed in the manifest but missing. The bundle was copied incompletely; copy the "
+                "whole folder again or re-run `ram-export`."
+            )
+        if verify:
+            actual = sha256_file(path)
+            if actual != digest:
+                raise BundleError(
+                    f"{path}: sha256 {actual} does not match the manifest's {digest}: the file was modified or "
+                    "damaged after export. Copy the bundle again or re-run `ram-export` "
+                    "(verify_files=False skips this check)."
+                )
+
+
+def _dims_agree(a: Sequence, b: Sequence) -> bool:
+    """Same rank, and every dimension fixed in both is equal (symbolic / unknown ones match anything)."""
+    if len(a) != len(b):
+        return False
+    return all(not (isinstance(x, int) and isinstance(y, int)) or x == y for x, y in zip(a, b))
+
+
+def _fmt(shape: Sequence) -> str:
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
+    S, E = info.image_size, info.embed_dim
+    pixels = info.encoder.inputs[0]
+    embeds_out = info.encoder.outputs[0]
+    embeds_in, label_embed, label_mask = info.decoder.inputs
+    logits = info.decoder.outputs[0]
+    expectations = [
+        (pixels, (None, 3, S, S), np.float32),
+        (embeds_out, (None, info.num_image_tokens, E), np.float32),
+        (embeds_in, (None, info.num_image_tokens, E), np.float32),
+        (label_embed, (None, None, E), np.float32),
+        (label_mask, (None, None), np.bool_),
+        (logits, (None, None), np.float32),
+    ]
+    for tensor, shape, dtype in expectations:
+        if not _dims_agree(tensor.shape, shape) or tensor.dtype != np.dtype(dtype):
+            raise BundleError(
+                f"{where}: graph tensor {tensor.describe()} disagrees with the model section "
+                f"(expected {np.dtype(dtype).name} {_fmt(shape)} for image_size={S}, embed_dim={E}, "
+                f"num_image_tokens={info.num_image_tokens}). Re-run `ram-export`."
+            )
+    if not _dims_agree(embeds_out.shape, embeds_in.shape):
+        raise BundleError(
+            f"{where}: encoder output {embeds_out.describe()} does not match decoder input "
+            f"{embeds_in.describe()}: the graphs come from different models. Re-run `ram-export`."
+        )
+
+
+def check_graph_io(info: BundleInfo, encoder: Backend, decoder: Backend) -> None:
+    """The loaded graphs' actual inputs / outputs against the manifest and against each other."""
+    for role, spec, backend in (("encoder", info.encoder, encoder), ("decoder", info.decoder, decoder)):
+        path = info.path / spec.file
+        for kind, declared, actual in (
+            ("inputs", spec.inputs, backend.input_metadata()),
+            ("outputs", spec.outputs, backend.output_metadata()),
+        ):
+            actual_by_name = {t.name: t for t in actual}
+            if set(actual_by_name) != {t.name for t in declared}:
+                raise BundleError(
+                    f"{path}: the graph's {kind} are {sorted(actual_by_name)}, the manifest declares "
+                    f"{[t.name for t in declared]}. The manifest belongs to another export; re-run `ram-export`."
+                )
+            for want in declared:
+                got = actual_by_name[want.name]
+                if got.dtype != want.dtype or not _dims_agree(got.shape, want.shape):
+                    raise BundleError(
+                        f"{path}: {role} {kind[:-1]} is {got.describe()} in the graph but "
+                        f"{want.describe()} in the manifest. Re-run `ram-export`."
+                    )
+    produced = {t.name: t for t in encoder.output_metadata()}[info.encoder.outputs[0].name]
+    consumed = {t.name: t for t in decoder.input_metadata()}[info.image_embeds_name]
+    if not _dims_agree(produced.shape, consumed.shape) or produced.dtype != consumed.dtype:
+        raise BundleError(
+            f"{info.path}: encoder output {produced.describe()} does not fit decoder input "
+            f"{consumed.describe()}: the two graphs come from different models. Re-run `ram-export`."
+        )
+
+
