@@ -158,7 +158,8 @@ class Preprocessor:
         except Image.DecompressionBombError as e:
             # Pillow's own guard fired before ours could (its global limit is lower than max_pixels).
             raise ImageError(
-                f"{e} Raise PIL.Image.MAX_IMAGE_PIXELS together with max_pixels if the image is trusted."
+                f"image too large: {e} Raise PIL.Image.MAX_IMAGE_PIXELS together with max_pixels if the "
+                "image is trusted."
             ) from None
         except Image.UnidentifiedImageError:
             raise ImageError("not an image (Pillow recognises no image format in it)") from None

@@ -1,0 +1,107 @@
+import json
+
+import numpy as np
+import pytest
+
+from ram_edge.vocabulary import Vocabulary
+
+
+def test_ragged_embeddings_are_padded_and_masked():
+    vocab = Vocabulary(["a", "b"], [np.ones((2, 4)), 2 * np.ones((1, 4))])
+    assert vocab.embeddings.shape == (2, 2, 4)
+    assert vocab.embeddings.dtype == np.float32 and vocab.embeddings.flags.c_contiguous
+    np.testing.assert_array_equal(vocab.mask, [[True, True], [True, False]])
+    np.testing.assert_array_equal(vocab.embeddings[1, 1], 0.0)  # padding is zero
+    np.testing.assert_array_equal(vocab.num_descriptions, [2, 1])
+
+
+def test_two_dimensional_embeddings_mean_one_description_each():
+    vocab = Vocabulary(["a", "b", "c"], np.arange(12, dtype=np.float64).reshape(3, 4))
+    assert vocab.embeddings.shape == (3, 1, 4)
+    assert vocab.mask.all()
+
+
+def test_padded_embeddings_with_num_descriptions_zero_the_padding():
+    emb = np.full((2, 3, 4), 7.0, dtype=np.float32)
+    vocab = Vocabulary(["a", "b"], emb, num_descriptions=[3, 1])
+    np.testing.assert_array_equal(vocab.mask, [[True, True, True], [True, False, False]])
+    assert vocab.embeddings[1, 1:].sum() == 0.0
+    assert emb[1, 1:].sum() > 0  # the caller's array is not modified
+
+
+def test_arrays_are_cached_read_only():
+    vocab = Vocabulary(["a"], np.ones((1, 4)))
+    assert vocab.embeddings is vocab.embeddings and vocab.mask is vocab.mask
+    with pytest.raises(ValueError):
+        vocab.embeddings[0, 0, 0] = 1.0
+
+
+def test_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    vocab = Vocabulary(["cat", "dog", "sky"], [rng.standard_normal((d, 6)) for d in (1, 3, 2)],
+                       thresholds=[0.5, 0.7, 0.9], names_zh=["猫", "狗", "天空"])
+    vocab.save(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "vocabulary.json").read_text(encoding="utf-8"))
+    assert meta == {"format_version": 1, "names": ["cat", "dog", "sky"], "names_zh": ["猫", "狗", "天空"],
+                    "thresholds": pytest.approx([0.5, 0.7, 0.9]), "num_descriptions": [1, 3, 2],
+                    "embed_dim": 6, "dtype": "float16"}
+    stored = np.load(tmp_path / "v" / "embeddings.npy")
+    assert stored.dtype == np.float16 and stored.shape == (3, 3, 6)
+    assert not stored[0, 1:].any() and not stored[2, 2:].any()
+    loaded = Vocabulary.load(tmp_path / "v")
+    assert loaded.names == vocab.names and loaded.names_zh == vocab.names_zh
+    np.testing.assert_array_equal(loaded.mask, vocab.mask)
+    np.testing.assert_allclose(loaded.embeddings, vocab.embeddings, atol=2e-3, rtol=1e-3)  # float16 storage
+    np.testing.assert_allclose(loaded.thresholds, [0.5, 0.7, 0.9], rtol=1e-6)
+    assert loaded.embeddings.dtype == np.float32
+
+
+def test_subset_by_name_and_index_keeps_order_and_trims_padding():
+    vocab = Vocabulary(["a", "b", "c"], [np.full((d, 2), i, np.float32) for i, d in enumerate((3, 1, 2))],
+                       thresholds=[0.1, 0.2, 0.3], names_zh=["甲", "乙", "丙"])
+    sub = vocab.subset(["c", 1])
+    assert sub.names == ["c", "b"] and sub.names_zh == ["丙", "乙"]
+    assert sub.embeddings.shape == (2, 2, 2)
+    np.testing.assert_allclose(sub.thresholds, [0.3, 0.2])
+    np.testing.assert_array_equal(sub.embeddings[0], 2.0)
+    with pytest.raises(KeyError, match="'zzz'"):
+        vocab.subset(["zzz"])
+    with pytest.raises(IndexError):
+        vocab.subset([5])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(names=["a", "a"], embeddings=np.ones((2, 4))), "duplicate tag name 'a'"),
+    (dict(names=["a", "b"], embeddings=np.ones((3, 4))), "3 tags, names has 2"),
+    (dict(names=["a"], embeddings=np.array([[np.nan, 0, 0, 0]])), "NaN or inf"),
+    (dict(names=["a"], embeddings=np.array([[np.inf, 0, 0, 0]])), "NaN or inf"),
+    (dict(names=["a", "b"], embeddings=np.ones((2, 4)), thresholds=[0.5]), "thresholds has 1"),
+    (dict(names=["a"], embeddings=np.ones((1, 4)), thresholds=[1.5]), r"in \[0, 1\]"),
+    (dict(names=["a", "b"], embeddings=np.ones((2, 4)), names_zh=["甲"]), "names_zh has 1"),
+    (dict(names=["a", "b"], embeddings=[np.ones((1, 4)), np.ones((1, 5))]), "different widths"),
+    (dict(names=[], embeddings=np.ones((0, 4))), "at least one tag"),
+    (dict(names=["a"], embeddings=np.ones((1, 2, 4)), num_descriptions=[0]), "at least one"),
+    (dict(names=["a"], embeddings=np.ones((1, 4, 2, 2))), "expected"),
+])
+def test_invalid_vocabularies_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Vocabulary(**kwargs)
+
+
+def test_load_refuses_shape_mismatch(tmp_path):
+    Vocabulary(["a", "b"], np.ones((2, 4))).save(tmp_path / "v")
+    np.save(tmp_path / "v" / "embeddings.npy", np.ones((2, 1, 5), np.float16))
+    with pytest.raises(ValueError, match="embeddings.npy: shape"):
+        Vocabulary.load(tmp_path / "v")
+
+
+def test_save_refuses_values_beyond_float16(tmp_path):
+    with pytest.raises(ValueError, match="float16"):
+        Vocabulary(["a"], np.full((1, 4), 1e6)).save(tmp_path / "v")
+
+
+def test_threshold_array_falls_back_to_default():
+    vocab = Vocabulary(["a", "b"], np.ones((2, 4)))
+    np.testing.assert_array_equal(vocab.threshold_array(0.68), np.float32([0.68, 0.68]))
+    with pytest.raises(ValueError, match="no Chinese names"):
+        vocab.display_names("zh")
