@@ -54,15 +54,27 @@ def read_state_dict(path: PathLike) -> StateDict:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from e
+    with open(path, "rb") as f:
+        head = f.read(16)
+    # torch.save writes a zip archive (b"PK") or, in the legacy format, a pickle (b"\x80" PROTO). Anything
+    # else (an HTML error page, a Git LFS pointer, an empty file) is no checkpoint: say so rather than
+    # letting the unpickler report it as blocked code or fail with a bare KeyError.
+    if not head.startswith((b"PK", b"\x80")):
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle; starts with {head!r}): "
+            "empty, an HTML error page or a Git LFS pointer? Download it again."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        # torch's first line suggests weights_only=False; the useful line names the blocked global.
+        detail = next((line for line in lines if "global" in line.lower()), lines[0] if lines else type(e).__name__)
         raise CheckpointError(
             f"{path}: refused, the file holds Python objects that would run code when unpickled "
-            f"({first_line}). Only tensors are loaded; convert it to safetensors from a trusted source."
+            f"({detail}). Only tensors are loaded; convert it to safetensors from a trusted source."
         ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
+    except Exception as e:  # truncated zip or legacy pickle: RuntimeError, EOFError, KeyError, ...
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint, probably truncated or corrupt "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Download it again."
