@@ -41,7 +41,12 @@ def demo_model(config: Union[str, RAMConfig], seed: int = 0, tags: Optional[TagS
 
     for name, param in model.named_parameters():
         if name == "label_embed":
-            rows = torch.randn(param.shape, generator=generator)
+            # Like CLIP text embeddings of one tag's descriptions: unit-norm, close to a per-tag
+            # direction (cosine about 0.75), so RAM++'s reweighted average keeps a norm near 1.
+            tags, dim = model.config.num_tags, model.config.embed_dim
+            base = torch.randn(tags, 1, dim, generator=generator)
+            rows = base + 0.6 * torch.randn(tags, model.config.descriptions_per_tag, dim, generator=generator)
+            rows = rows.reshape(param.shape)
             param.copy_(rows / rows.norm(dim=-1, keepdim=True))
         elif name == "reweight_scale":
             param.fill_(math.log(1 / 0.07))  # CLIP's initial temperature
@@ -49,10 +54,14 @@ def demo_model(config: Union[str, RAMConfig], seed: int = 0, tags: Optional[TagS
             # LayerNorm: weight near 1, bias near 0 (not exactly, so tests see non-trivial affine terms).
             base = 1.0 if name.endswith("weight") else 0.0
             param.copy_(base + normal(param.shape, WEIGHT_STD))
+        elif name == "wordvec_proj.weight":
+            # Queries of unit scale, so tags differ from each other as much as the image tokens do
+            # (at 0.02 every tag would see the same image summary and score alike).
+            param.copy_(normal(param.shape, 1.0 / math.sqrt(param.shape[1])))
         elif name == "fc.weight":
-            # The decoder output is LayerNorm-ed; this spreads logits to a std of about 2, so demo
-            # probabilities cover (0, 1) and some tags pass the official thresholds.
-            param.copy_(normal(param.shape, 2.0 / math.sqrt(param.shape[1]) * 1.2))
+            # The decoder output is LayerNorm-ed; this spreads logits over tags to a std of 1-2 (measured
+            # on the tiny and Swin-L presets), so demo probabilities cover (0, 1) rather than sit at 0.5.
+            param.copy_(normal(param.shape, 2.4 / math.sqrt(param.shape[1])))
         else:
             param.copy_(normal(param.shape, WEIGHT_STD))
     for module in model.modules():
