@@ -1,0 +1,737 @@
+#!/usr/bin/env python
+"""Per-stage latency of a ram-edge bundle against the same model in torch eager, and against the machine.
+
+    python benchmarks/latency.py --demo ram_plus_swin_l_384 --batch 1 8 --tags 100 1000 4585 20000
+    python benchmarks/latency.py /tmp/bundles/swinl_fp32 /tmp/bundles/swinl_fp16 --repeats 5
+
+For every bundle (a directory, or ``--demo VARIANT`` exported once into ``--cache-dir`` per precision) and
+every onnxruntime execution provider this onnxruntime has (CPU; CUDA and TensorRT when present, else
+skipped with a note), it measures after ``--warmup`` calls:
+
+* the pipeline per batch size (``--batch``) at the bundle's vocabulary: preprocess (decode + resize +
+  normalise a JPEG per image), encoder, decoder, post-processing (sigmoid, thresholds, sorted tags);
+* the decoder (+ post-processing) per vocabulary size (``--tags``; vocabularies larger than the bundle's
+  are synthesized: random unit-norm rows with the bundle's descriptions per tag), with a linear fit;
+* swapping in a ``--swap-tags`` vocabulary (building the float32 arrays, binding them, first call);
+* the machine's matmul peak (best of ``--peak-repeats`` large sgemm calls in onnxruntime and torch), and
+  each stage's achieved GFLOP/s from MACs counted off the model configuration.
+
+Engines are measured interleaved (one call of each per round), so a load change on the machine hits
+all of them alike and the ratios stay meaningful. The torch eager fp32 model is rebuilt from the
+bundle's manifest (demo weights) or ``--checkpoint``. Writes ``latency.json`` and two PNG plots to
+``--out``. See docs/performance.md for the numbers and how to read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_IMAGE = REPO / "examples" / "images" / "demo4.jpg"
+STAGES = ("preprocess", "encoder", "decoder", "postprocess")
+PERCENTILES = (50, 90, 99)
+
+
+def log(message: str) -> None:
+    print(f"[latency] {message}", file=sys.stderr, flush=True)
+
+
+# -- pure functions (tested in tests/test_benchmarks.py) -----------------------------------------------
+
+
+def summarize(samples: Sequence[float]) -> Dict[str, float]:
+    """Seconds -> {n, min, mean, p50, p90, p99} (linear interpolation between order statistics)."""
+    values = np.asarray(samples, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("no samples")
+    out = {"n": int(values.size), "min": float(values.min()), "mean": float(values.mean())}
+    for q in PERCENTILES:
+        out[f"p{q}"] = float(np.percentile(values, q))
+    return out
+
+
+def encoder_macs(config: dict) -> int:
+    """Multiply-accumulates of one image through the encoder (Swin + image_proj), from a RAMConfig dict.
+
+    Per block on L tokens of width C with N tokens per window: qkv 3LC^2, attention 2LNC (scores and
+    weighted sum), projection LC^2, MLP 2*r*LC^2. Patch merging: (L/4)*4C*2C. Elementwise ops excluded.
+    """
+    swin = config["swin"]
+    size, patch, dim = swin["image_size"], swin["patch_size"], swin["embed_dim"]
+    ratio, window_cfg = swin["mlp_ratio"], swin["window_size"]
+    res = size // patch
+    macs = res * res * dim * swin["in_chans"] * patch * patch  # patch embedding conv
+    stages = len(swin["depths"])
+    for stage, depth in enumerate(swin["depths"]):
+        c, r = dim * 2**stage, res // 2**stage
+        tokens, window = r * r, min(window_cfg, r)
+        per_block = tokens * c * c * (3 + 1 + 2 * ratio) + 2 * tokens * window * window * c
+        macs += depth * per_block
+        if stage < stages - 1:
+            macs += (tokens // 4) * (4 * c) * (2 * c)
+    c_out, r_out = dim * 2 ** (stages - 1), res // 2 ** (stages - 1)
+    macs += (1 + r_out * r_out) * c_out * config["embed_dim"]  # image_proj on every output token
+    return int(macs)
+
+
+def decoder_macs(config: dict, num_tags: int, batch: int = 1, descriptions: Optional[int] = None) -> int:
+    """Multiply-accumulates of the decoder for ``batch`` images and ``num_tags`` tags.
+
+    Per tag and image: RAM++ reweighting 2*D*E (scores, weighted sum), wordvec_proj E*H, per layer
+    query H^2 + attention 2*H*N + output H^2 + feed-forward 2*H*I, fc H. Per image: key and value
+    projections 2*N*E*H per layer.
+    """
+    dec = config["decoder"]
+    e, h, i, layers = config["embed_dim"], dec["hidden_size"], dec["intermediate_size"], dec["num_layers"]
+    swin = config["swin"]
+    n = 1 + (swin["image_size"] // swin["patch_size"] // 2 ** (len(swin["depths"]) - 1)) ** 2
+    d = config["descriptions_per_tag"] if descriptions is None else descriptions
+    reweight = 2 * d * e if config["kind"] == "ram_plus" else 0
+    per_tag = reweight + e * h + layers * (2 * h * h + 2 * h * n + 2 * h * i) + h
+    per_image = layers * 2 * n * e * h
+    return int(batch * (num_tags * per_tag + per_image))
+
+
+def fit_linear(xs: Sequence[float], ys: Sequence[float]) -> Dict[str, float]:
+    """Least-squares y = slope * x + intercept, with R^2."""
+    x, y = np.asarray(xs, dtype=np.float64), np.asarray(ys, dtype=np.float64)
+    if x.size < 2:
+        return {"slope": float("nan"), "intercept": float("nan"), "r2": float("nan")}
+    slope, intercept = np.polyfit(x, y, 1)
+    residual = y - (slope * x + intercept)
+    total = ((y - y.mean()) ** 2).sum()
+    r2 = 1.0 - (residual**2).sum() / total if total > 0 else 1.0
+    return {"slope": float(slope), "intercept": float(intercept), "r2": float(r2)}
+
+
+def synthetic_vocabulary(num_tags: int, descriptions: int, dim: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """(T, D, E) float32 random unit-norm rows and an all-true (T, D) mask."""
+    rng = np.random.default_rng(seed)
+    embed = rng.standard_normal((num_tags, descriptions, dim), dtype=np.float32)
+    embed /= np.linalg.norm(embed, axis=-1, keepdims=True)
+    return embed, np.ones((num_tags, descriptions), dtype=np.bool_)
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):
+        return (np.float32(1.0) / (np.float32(1.0) + np.exp(-logits.astype(np.float32, copy=False)))).astype(np.float32)
+
+
+def postprocess(logits: np.ndarray, thresholds: np.ndarray, names: Sequence[str]) -> List[List[Tuple[str, float]]]:
+    """What Tagger.tag does after the decoder: sigmoid, per-tag thresholds, most probable first."""
+    probabilities = sigmoid(logits)
+    results = []
+    for row, keep in zip(probabilities, probabilities > thresholds):
+        idx = np.flatnonzero(keep)
+        idx = idx[np.argsort(-row[idx], kind="stable")]
+        results.append([(names[i], float(row[i])) for i in idx])
+    return results
+
+
+def ratios(table: Dict[str, Dict[str, float]], baseline: str) -> Dict[str, Dict[str, float]]:
+    """{engine: {stage: seconds}} -> {engine: {stage: baseline seconds / engine seconds}} (speed-up)."""
+    base = table[baseline]
+    return {
+        engine: {stage: base[stage] / value for stage, value in stages.items() if stage in base and value > 0}
+        for engine, stages in table.items()
+    }
+
+
+# -- machine -----------------------------------------------------------------------------------------
+
+
+def machine_info(threads: Optional[int]) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "threads": threads}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache"):
+                info[key.strip()] = value.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        info["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    versions = {"numpy": np.__version__}
+    for module in ("onnxruntime", "torch", "onnx"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            pass
+    info["versions"] = versions
+    return info
+
+
+def _best_of(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(threads: Optional[int], repeats: int, shape: Tuple[int, int, int] = (1024, 1536, 6144)) -> dict:
+    """Best-of-``repeats`` fp32 matmul throughput (GFLOP/s) of a transformer-sized (M, K) x (K, N)."""
+    m, k, n = shape
+    flops = 2.0 * m * k * n
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    w = rng.standard_normal((k, n), dtype=np.float32)
+    out = {"shape": [m, k, n]}
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "w"], ["y"])], "sgemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    out["onnxruntime_gflops"] = flops / _best_of(lambda: session.run(None, {"a": a}), repeats) / 1e9
+    try:
+        import torch
+
+        ta, tw = torch.from_numpy(a), torch.from_numpy(w)
+        out["torch_gflops"] = flops / _best_of(lambda: torch.mm(ta, tw), repeats) / 1e9
+    except ImportError:
+        pass
+    out["peak_gflops"] = max(v for key, v in out.items() if key.endswith("_gflops"))
+    return out
+
+
+# -- engines -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Bundle:
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["model"]["config"]
+
+    @property
+    def precision(self) -> str:
+        return self.manifest["precision"]
+
+
+def load_bundle(path: Path) -> Bundle:
+    manifest = json.loads((path / "manifest.json").read_text())
+    return Bundle(path, manifest)
+
+
+class Engine:
+    """Encoder + decoder of one bundle on one backend; the vocabulary is set once, not per call."""
+
+    name = "engine"
+
+    def set_vocabulary(self, embed: np.ndarray, mask: np.ndarray) -> None: ...
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray: ...
+
+    def decode(self, embeds: np.ndarray) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class OrtEngine(Engine):
+    """tuned=True: ram_edge.ort_tuning session options and the vocabulary bound once (IOBinding).
+    tuned=False: what a plain InferenceSession(level ALL) with session.run(numpy feeds) gives."""
+
+    def __init__(self, bundle: Bundle, providers: list, label: str, threads: Optional[int], tuned: bool = True):
+        import onnxruntime as ort
+
+        from ram_edge import ort_tuning
+
+        self.name = label
+        self.tuned = tuned
+        if tuned:
+            make = lambda: ort_tuning.session_options(threads)  # noqa: E731
+        else:
+            def make():
+                options = ort.SessionOptions()
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                if threads:
+                    options.intra_op_num_threads = threads
+                return options
+        graphs = bundle.manifest["graphs"]
+        self.encoder = ort.InferenceSession(str(bundle.path / graphs["encoder"]["file"]), make(), providers=providers)
+        self.decoder = ort.InferenceSession(str(bundle.path / graphs["decoder"]["file"]), make(), providers=providers)
+        self.providers = self.encoder.get_providers()
+        self._pixel_name = self.encoder.get_inputs()[0].name
+        names = [i.name for i in self.decoder.get_inputs()]
+        self._embeds_name, self._label_embed_name, self._label_mask_name = names
+        self._bound = ort_tuning.BoundSession(self.decoder) if tuned else None
+        self._encoder_bound = ort_tuning.BoundSession(self.encoder) if tuned else None
+        self._vocab: Dict[str, np.ndarray] = {}
+
+    def set_vocabulary(self, embed: np.ndarray, mask: np.ndarray) -> None:
+        feeds = {self._label_embed_name: embed, self._label_mask_name: mask}
+        if self._bound is not None:
+            self._bound.set_constants(feeds)
+        else:
+            self._vocab = feeds
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        if self._encoder_bound is not None:
+            return next(iter(self._encoder_bound.run({self._pixel_name: pixels}).values()))
+        return self.encoder.run(None, {self._pixel_name: pixels})[0]
+
+    def decode(self, embeds: np.ndarray) -> np.ndarray:
+        if self._bound is not None:
+            return next(iter(self._bound.run({self._embeds_name: embeds}).values()))
+        return self.decoder.run(None, {self._embeds_name: embeds, **self._vocab})[0]
+
+    def close(self) -> None:
+        self._bound = self._encoder_bound = None
+        self.encoder = self.decoder = None
+
+
+class TorchEngine(Engine):
+    """The same model in torch eager fp32 (the baseline every ratio is against)."""
+
+    def __init__(self, bundle: Bundle, threads: Optional[int], checkpoint: Optional[str], device: str = "cpu"):
+        import torch
+
+        from ram_edge.models import RAMConfig, demo_model, load_checkpoint
+
+        self.torch = torch
+        self.device = torch.device(device)
+        if threads and device == "cpu":
+            torch.set_num_threads(threads)
+        source = bundle.manifest["model"].get("source", "")
+        if checkpoint:
+            model = load_checkpoint(checkpoint)
+        elif source.startswith("demo:seed="):
+            model = demo_model(RAMConfig.from_dict(bundle.config), seed=int(source.split("=", 1)[1]))
+        else:
+            raise SystemExit(f"{bundle.path}: not a demo bundle (source {source!r}); pass --checkpoint for the torch baseline")
+        self.model = model.float().eval().to(self.device)
+        self.name = f"torch-eager-{device}-fp32"
+        self._embed = self._mask = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def set_vocabulary(self, embed: np.ndarray, mask: np.ndarray) -> None:
+        self._embed = self.torch.from_numpy(embed).to(self.device)
+        self._mask = self.torch.from_numpy(mask).to(self.device)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model.encode_image(self.torch.from_numpy(pixels).to(self.device)).cpu().numpy()
+        self._sync()
+        return out
+
+    def decode(self, embeds: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model.decode(self.torch.from_numpy(embeds).to(self.device), self._embed, self._mask).cpu().numpy()
+        self._sync()
+        return out
+
+    def close(self) -> None:
+        self.model = None
+
+
+def provider_plan(available: Sequence[str], cache_dir: Path) -> Tuple[List[Tuple[str, list]], List[str]]:
+    """[(label, providers)] to measure, and notes on what is skipped."""
+    plan, notes = [("cpu", ["CPUExecutionProvider"])], []
+    if "CUDAExecutionProvider" in available:
+        plan.append(("cuda", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    else:
+        notes.append("CUDAExecutionProvider not in this onnxruntime build: ORT CUDA skipped")
+    if "TensorrtExecutionProvider" in available:
+        trt = ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache_dir / "trt"),
+                                             "trt_fp16_enable": True})
+        plan.append(("tensorrt", [trt, "CUDAExecutionProvider", "CPUExecutionProvider"]))
+    else:
+        notes.append("TensorrtExecutionProvider not in this onnxruntime build: TensorRT skipped")
+    return plan, notes
+
+
+# -- measurement -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    samples: Dict[Tuple, List[float]] = field(default_factory=dict)
+
+    def add(self, key: Tuple, seconds: float) -> None:
+        self.samples.setdefault(key, []).append(seconds)
+
+
+def _timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def run_pipeline_sweep(engines, preprocess, image_bytes, batches, vocab, names, thresholds, warmup, repeats, rec):
+    for engine in engines:
+        engine.set_vocabulary(*vocab)
+    for batch in batches:
+        log(f"pipeline: batch {batch}, {vocab[0].shape[0]} tags, {warmup} warm-up + {repeats} rounds x {len(engines)} engines")
+        for round_ in range(warmup + repeats):
+            start = time.perf_counter()
+            pixels = np.stack([preprocess(image_bytes) for _ in range(batch)])
+            pre = time.perf_counter() - start
+            totals = {}
+            for engine in engines:
+                embeds, t_enc = _timed(engine.encode, pixels)
+                logits, t_dec = _timed(engine.decode, embeds)
+                _, t_post = _timed(postprocess, logits, thresholds, names)
+                totals[engine.name] = pre + t_enc + t_dec + t_post
+                if round_ >= warmup:
+                    for stage, t in zip(STAGES, (pre, t_enc, t_dec, t_post)):
+                        rec.add(("pipeline", engine.name, batch, len(names), stage), t)
+                    rec.add(("pipeline", engine.name, batch, len(names), "total"), pre + t_enc + t_dec + t_post)
+            log(f"  round {round_ + 1}/{warmup + repeats}" + (" (warm-up)" if round_ < warmup else "")
+                + "".join(f"  {name}: {t:.3f}s" for name, t in totals.items()))
+
+
+def run_tags_sweep(engines, embeds_by_engine, tag_counts, bundle_vocab, descriptions, dim, batch, warmup, repeats, rec, swaps):
+    for num_tags in tag_counts:
+        if num_tags == bundle_vocab[0].shape[0]:
+            embed, mask = bundle_vocab
+        elif num_tags < bundle_vocab[0].shape[0]:
+            embed, mask = np.ascontiguousarray(bundle_vocab[0][:num_tags]), np.ascontiguousarray(bundle_vocab[1][:num_tags])
+        else:
+            embed, mask = synthetic_vocabulary(num_tags, descriptions, dim, seed=num_tags)
+        thresholds = np.full(num_tags, 0.68, dtype=np.float32)
+        names = [f"tag_{i}" for i in range(num_tags)]
+        for engine in engines:
+            _, t = _timed(engine.set_vocabulary, embed, mask)
+            swaps.setdefault(engine.name, {})[num_tags] = t
+        log(f"decoder: {num_tags} tags, batch {batch}, {warmup} warm-up + {repeats} rounds")
+        for round_ in range(warmup + repeats):
+            for engine in engines:
+                logits, t_dec = _timed(engine.decode, embeds_by_engine[engine.name])
+                _, t_post = _timed(postprocess, logits, thresholds, names)
+                if round_ >= warmup:
+                    rec.add(("tags", engine.name, batch, num_tags, "decoder"), t_dec)
+                    rec.add(("tags", engine.name, batch, num_tags, "postprocess"), t_post)
+        del embed, mask
+        gc.collect()
+
+
+def measure_swap(engine: OrtEngine, num_tags: int, descriptions: int, dim: int, embeds: np.ndarray, repeats: int) -> dict:
+    """Swapping in a new vocabulary on a loaded decoder: fp16 -> fp32 arrays (as read from a vocabulary
+    folder), mask, binding, and the first decoder call after the swap vs. a steady-state call."""
+    embed16 = synthetic_vocabulary(num_tags, descriptions, dim, seed=1)[0].astype(np.float16)
+    counts = np.full(num_tags, descriptions)
+    build, bind = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        embed = embed16.astype(np.float32)
+        mask = np.arange(descriptions)[None, :] < counts[:, None]
+        build.append(time.perf_counter() - start)
+        _, t = _timed(engine.set_vocabulary, embed, mask)
+        bind.append(t)
+    _, first = _timed(engine.decode, embeds)
+    _, steady = _timed(engine.decode, embeds)
+    return {"engine": engine.name, "num_tags": num_tags, "descriptions": descriptions,
+            "float32_bytes": int(embed.nbytes), "build_float32_s": summarize(build), "bind_s": summarize(bind),
+            "first_decode_s": first, "steady_decode_s": steady}
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def build_report(rec: Recorder, engines, baseline: Optional[str], config: dict, peak: dict, tag_counts, batches, main_tags) -> dict:
+    rows = []
+    for (sweep, engine, batch, tags, stage), values in sorted(rec.samples.items(), key=lambda kv: str(kv[0])):
+        row = {"sweep": sweep, "engine": engine, "batch": batch, "tags": tags, "stage": stage, **summarize(values)}
+        macs = None
+        if stage == "encoder":
+            macs = encoder_macs(config) * batch
+        elif stage == "decoder":
+            macs = decoder_macs(config, tags, batch)
+        if macs:
+            row["gmacs"] = macs / 1e9
+            row["gflops_p50"] = 2 * macs / row["p50"] / 1e9
+            row["fraction_of_peak"] = row["gflops_p50"] / peak["peak_gflops"]
+        if stage == "total":
+            row["images_per_s"] = batch / row["p50"]
+        rows.append(row)
+    report = {"rows": rows}
+    # Main table: batch 1 (or the smallest), the bundle's vocabulary, p50 per stage, ratios vs torch.
+    b0 = min(batches)
+    table = {}
+    for row in rows:
+        if row["sweep"] == "pipeline" and row["batch"] == b0 and row["tags"] == main_tags:
+            table.setdefault(row["engine"], {})[row["stage"]] = row["p50"]
+    report["main"] = {"batch": b0, "tags": main_tags, "p50_s": table}
+    if baseline and baseline in table:
+        report["main"]["speedup_vs_" + baseline] = ratios(table, baseline)
+    floor = 2 * (encoder_macs(config) + decoder_macs(config, main_tags)) / peak["peak_gflops"] / 1e9
+    report["main"]["matmul_floor_s"] = floor
+    fits = {}
+    for engine in {r["engine"] for r in rows if r["sweep"] == "tags"}:
+        pts = sorted((r["tags"], r["p50"]) for r in rows if r["sweep"] == "tags" and r["engine"] == engine and r["stage"] == "decoder")
+        fit = fit_linear([p[0] for p in pts], [p[1] for p in pts])
+        fit["ms_per_1000_tags"] = fit["slope"] * 1e6
+        fits[engine] = fit
+    report["decoder_linear_fit"] = fits
+    return report
+
+
+def plot(report: dict, out_dir: Path) -> List[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plots (pip install ram-edge[bench])")
+        return []
+    written = []
+    rows = report["rows"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine in sorted({r["engine"] for r in rows if r["sweep"] == "tags"}):
+        pts = sorted((r["tags"], r["p50"] * 1e3) for r in rows if r["sweep"] == "tags" and r["engine"] == engine and r["stage"] == "decoder")
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "o-", label=engine)
+        fit = report["decoder_linear_fit"].get(engine)
+        if fit and np.isfinite(fit["slope"]):
+            grid = np.linspace(0, max(xs), 50)
+            ax.plot(grid, (fit["slope"] * grid + fit["intercept"]) * 1e3, ":", color=ax.lines[-1].get_color(), alpha=0.6)
+    ax.set_xlabel("vocabulary size (tags)")
+    ax.set_ylabel("decoder p50 latency (ms), batch 1")
+    ax.set_title("Decoder latency vs vocabulary size (dotted: linear fit)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "latency_vs_tags.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(str(path))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine in sorted({r["engine"] for r in rows if r["sweep"] == "pipeline"}):
+        pts = sorted((r["batch"], r["p50"] * 1e3 / r["batch"]) for r in rows if r["sweep"] == "pipeline" and r["engine"] == engine and r["stage"] == "total")
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, "o-", label=engine)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("end-to-end p50 per image (ms)")
+    ax.set_title(f"Latency per image vs batch ({report['main']['tags']} tags)")
+    ax.set_xscale("log", base=2)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out_dir / "latency_vs_batch.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(str(path))
+    return written
+
+
+def print_tables(report: dict, peak: dict) -> None:
+    main = report["main"]
+    print(f"\nbatch {main['batch']}, {main['tags']} tags: p50 seconds per stage"
+          f" (matmul peak {peak['peak_gflops']:.0f} GFLOP/s -> floor {main['matmul_floor_s']:.3f} s/image)")
+    stages = STAGES + ("total",)
+    print(f"{'engine':34s}" + "".join(f"{s:>12s}" for s in stages))
+    for engine, values in main["p50_s"].items():
+        print(f"{engine:34s}" + "".join(f"{values.get(s, float('nan')):12.4f}" for s in stages))
+    for key, table in main.items():
+        if key.startswith("speedup_vs_"):
+            print(f"speed-up vs {key[len('speedup_vs_'):]}:")
+            for engine, values in table.items():
+                print(f"{engine:34s}" + "".join(f"{values.get(s, float('nan')):11.2f}x" for s in stages))
+    for engine, fit in report["decoder_linear_fit"].items():
+        print(f"decoder fit {engine}: {fit['ms_per_1000_tags']:.1f} ms per 1000 tags + {fit['intercept'] * 1e3:.1f} ms, R^2 {fit['r2']:.4f}")
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def ensure_demo_bundles(variant: str, precisions: Sequence[str], cache_dir: Path, num_tags: Optional[int]) -> List[Path]:
+    from ram_edge.export import export_bundle
+    from ram_edge.models import demo_model
+
+    paths = []
+    model = None
+    for precision in precisions:
+        suffix = f"-{num_tags}tags" if num_tags else ""
+        path = cache_dir / f"{variant}{suffix}-{precision}"
+        if not (path / "manifest.json").exists():
+            if model is None:
+                log(f"building demo model {variant}")
+                model = demo_model(variant, num_tags=num_tags)
+            log(f"exporting {variant} {precision} bundle to {path}")
+            export_bundle(model, path, precision=precision, source="demo:seed=0", overwrite=True, progress=lambda m: log("  " + m))
+        paths.append(path)
+    return paths
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Example: python benchmarks/latency.py --demo ram_plus_tiny_384 --num-tags 200 --repeats 3")
+    p.add_argument("bundles", nargs="*", type=Path, help="bundle directories (e.g. an fp32 and an fp16 export of one model)")
+    p.add_argument("--demo", metavar="VARIANT", help="export this preset with demo weights into --cache-dir (once) and measure it")
+    p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], help="with --demo: precisions to export (default fp32 fp16)")
+    p.add_argument("--num-tags", type=int, help="with --demo: size of the demo model's default vocabulary")
+    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ram-edge" / "bench")
+    p.add_argument("--checkpoint", help="official checkpoint for the torch baseline when the bundle is not a demo export")
+    p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes for the pipeline sweep (default 1 8)")
+    p.add_argument("--tags", nargs="+", type=int, default=[100, 1000, 4585, 20000], help="vocabulary sizes for the decoder sweep")
+    p.add_argument("--swap-tags", type=int, default=10000, help="vocabulary size for the swap measurement (0: skip)")
+    p.add_argument("--repeats", type=int, default=5, help="measured rounds per configuration (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime and torch (default: all cores)")
+    p.add_argument("--peak-repeats", type=int, default=5, help="matmul peak: best of this many calls (default 5)")
+    p.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
+    p.add_argument("--ort-default", action="store_true", help="also measure CPU fp32 with plain session options and numpy feeds (before tuning)")
+    p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG fed to preprocessing")
+    p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for latency.json and the plots")
+    args = p.parse_args(argv)
+    if not args.bundles and not args.demo:
+        p.error("give bundle directories or --demo VARIANT")
+    if min(args.batch) < 1 or min(args.tags) < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch and --tags must be positive, --repeats >= 1, --warmup >= 0")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    threads = args.threads or os.cpu_count()
+    import onnxruntime as ort
+
+    from ram_edge.runtime.preprocess import Preprocessor
+
+    started = time.perf_counter()
+    bundle_paths = list(args.bundles)
+    if args.demo:
+        bundle_paths += ensure_demo_bundles(args.demo, args.precisions, args.cache_dir, args.num_tags)
+    bundles = [load_bundle(p) for p in bundle_paths]
+    configs = {json.dumps(b.config, sort_keys=True) for b in bundles}
+    if len(configs) != 1:
+        raise SystemExit("all bundles must be exports of the same model configuration (e.g. fp32 and fp16)")
+    first = bundles[0]
+    config = first.config
+
+    info = machine_info(threads)
+    log(f"machine: {info.get('Model name', '?')}, {info['cpu_count']} CPUs, onnxruntime {ort.__version__}, threads {threads}")
+    log(f"matmul peak (best of {args.peak_repeats})")
+    peak = matmul_peak(threads, args.peak_repeats)
+    log(f"  {peak['peak_gflops']:.0f} GFLOP/s ({', '.join(f'{k} {v:.0f}' for k, v in peak.items() if k.endswith('_gflops') and k != 'peak_gflops')})")
+
+    plan, notes = provider_plan(ort.get_available_providers(), args.cache_dir)
+    for note in notes:
+        log(note)
+    engines: List[Engine] = []
+    baseline = None
+    if not args.no_torch:
+        log("loading the torch eager fp32 baseline")
+        engines.append(TorchEngine(first, threads, args.checkpoint))
+        baseline = engines[-1].name
+    for bundle in bundles:
+        for label, providers in plan:
+            name = f"ort-{label}-{bundle.precision}"
+            if sum(b.precision == bundle.precision for b in bundles) > 1:
+                name += f"[{bundle.path.name}]"
+            if args.ort_default and label == "cpu" and bundle.precision == "fp32":
+                log(f"loading {name}-default (plain options, numpy feeds)")
+                engines.append(OrtEngine(bundle, providers, name + "-default", threads, tuned=False))
+            log(f"loading {name}")
+            try:
+                engines.append(OrtEngine(bundle, providers, name, threads))
+            except Exception as e:  # a provider that fails to initialise is reported, not fatal
+                notes.append(f"{name}: failed to load ({e}); skipped")
+                log(notes[-1])
+
+    from ram_edge.vocabulary import Vocabulary
+
+    vocab = Vocabulary.load(first.path / first.manifest["vocabulary"]["dir"])
+    bundle_vocab = (vocab.embeddings, vocab.mask)
+    names = list(vocab.names)
+    thresholds = vocab.threshold_array(first.manifest["vocabulary"].get("default_threshold", 0.68))
+    main_tags = len(names)
+    descriptions, dim = bundle_vocab[0].shape[1], bundle_vocab[0].shape[2]
+    preprocess = Preprocessor(first.manifest["model"]["image_size"], exif_transpose=False)
+    image_bytes = args.image.read_bytes()
+
+    rec = Recorder()
+    run_pipeline_sweep(engines, preprocess, image_bytes, sorted(args.batch), bundle_vocab, names, thresholds,
+                       args.warmup, args.repeats, rec)
+
+    # Agreement with the baseline on one image (sanity: the engines compute the same thing).
+    pixels = preprocess(image_bytes)[None]
+    embeds_by_engine, agreement = {}, {}
+    for engine in engines:
+        engine.set_vocabulary(*bundle_vocab)
+        embeds_by_engine[engine.name] = engine.encode(pixels)
+        logits = engine.decode(embeds_by_engine[engine.name])
+        if baseline:
+            if engine.name == baseline:
+                base_logits = logits
+            agreement[engine.name] = float(np.abs(logits - base_logits).max())
+
+    swaps: Dict[str, Dict[int, float]] = {}
+    run_tags_sweep(engines, embeds_by_engine, sorted(args.tags), bundle_vocab, descriptions, dim, min(args.batch),
+                   args.warmup, args.repeats, rec, swaps)
+
+    swap_report = []
+    if args.swap_tags:
+        for engine in engines:
+            if isinstance(engine, OrtEngine) and engine.tuned:
+                log(f"vocabulary swap: {args.swap_tags} tags on {engine.name}")
+                swap_report.append(measure_swap(engine, args.swap_tags, descriptions, dim, embeds_by_engine[engine.name], max(3, args.repeats)))
+
+    report = build_report(rec, engines, baseline, config, peak, args.tags, args.batch, main_tags)
+    report.update({
+        "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
+        "machine": info, "matmul_peak": peak, "notes": notes,
+        "bundles": [{"path": str(b.path), "precision": b.precision, "variant": b.manifest["model"]["variant"]} for b in bundles],
+        "engines": [e.name for e in engines], "baseline": baseline,
+        "macs": {"encoder_per_image": encoder_macs(config), "decoder_per_image_main_tags": decoder_macs(config, main_tags),
+                 "decoder_per_tag_per_image": decoder_macs(config, 1) - decoder_macs(config, 0)},
+        "max_abs_logit_diff_vs_baseline": agreement, "set_vocabulary_s": swaps, "vocabulary_swap": swap_report,
+        "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads, "batch": args.batch, "tags": args.tags},
+        "seconds": time.perf_counter() - started,
+    })
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latency.json").write_text(json.dumps(report, indent=1))
+    report["plots"] = plot(report, args.out)
+    (args.out / "latency.json").write_text(json.dumps(report, indent=1))
+    for engine in engines:
+        engine.close()
+    print_tables(report, peak)
+    for s in swap_report:
+        print(f"swap {s['num_tags']} tags x {s['descriptions']} ({s['float32_bytes'] / 2**20:.0f} MiB fp32) on {s['engine']}: "
+              f"fp16->fp32 arrays {s['build_float32_s']['p50'] * 1e3:.1f} ms, bind {s['bind_s']['p50'] * 1e3:.2f} ms, "
+              f"first decode {s['first_decode_s'] * 1e3:.0f} ms (steady {s['steady_decode_s'] * 1e3:.0f} ms)")
+    if agreement:
+        print("max |logit - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
+    log(f"wrote {args.out / 'latency.json'} and {len(report['plots'])} plots in {report['seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
