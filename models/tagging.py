@@ -149,9 +149,11 @@ class RAMTagger(nn.Module):
         """One embedding per tag: (B, T, E) for RAM++ (depends on the image), (1, T, E) for RAM."""
         if self.config.kind == "ram":
             # Mean of the valid rows: exact for the official D = 1; prompt ensembles for D > 1.
-            weights = label_mask.to(label_embed.dtype)
-            summed = (label_embed * weights.unsqueeze(-1)).sum(dim=1)
-            return (summed / weights.sum(dim=1, keepdim=True)).unsqueeze(0)
+            # torch.where rather than casting the mask: onnxconverter-common's fp16 pass mistypes a
+            # Cast to float (it relabels the output float16 but keeps the attribute).
+            summed = torch.where(label_mask.unsqueeze(-1), label_embed, 0.0).sum(dim=1)
+            count = torch.where(label_mask, 1.0, 0.0).sum(dim=1, keepdim=True)
+            return (summed / count).unsqueeze(0)
         num_tags, num_desc, dim = label_embed.shape
         image_cls = F.normalize(image_embeds[:, 0, :], dim=-1)  # (B, E)
         scores = self.reweight_scale.exp() * (image_cls @ label_embed.reshape(-1, dim).t())  # (B, T*D)

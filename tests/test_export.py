@@ -136,8 +136,9 @@ def test_manifest_hashes_and_metadata(demo_bundle):
     assert "LayerNormalization" in ops  # one node per LayerNorm (opset 17)
 
 
-def test_fp16_bundle(tmp_path):
-    model = demo_model("ram_plus_tiny_384", seed=5, num_tags=40)
+@pytest.mark.parametrize("variant", ["ram_plus_tiny_384", "ram_tiny_224"])
+def test_fp16_bundle(variant, tmp_path):
+    model = demo_model(variant, seed=5, num_tags=40)
     result = export_bundle(model, tmp_path / "b16", precision="fp16")
     v = result.verification
     assert v.passed and 0 < v.logits_max_abs_error < 5e-2 and v.probability_max_abs_error < 1e-2
