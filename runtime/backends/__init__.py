@@ -4,33 +4,56 @@
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Tuple, Type
+import importlib.util
+from typing import Dict, Optional, Sequence, Tuple, Type
 
 from .base import Backend, TensorInfo
 
-# name -> (module, class, how to install it). A TensorRT runner will register here behind the same
-# interface.
-_REGISTRY: Dict[str, Tuple[str, str, str]] = {
+# name -> (module, class, how to install it, top-level modules it needs). The needed modules are looked up
+# (importlib.util.find_spec, no import) to tell which backends this machine can run.
+_REGISTRY: Dict[str, Tuple[str, str, str, Tuple[str, ...]]] = {
     "onnxruntime": (
         "ram_edge.runtime.backends.onnxruntime", "OnnxRuntimeBackend",
-        "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)",
+        "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", ("onnxruntime",),
     ),
     "tensorrt": (
         "ram_edge.runtime.backends.tensorrt", "TensorRTBackend",
-        "pip install 'ram-edge[trt]' on a machine with an NVIDIA GPU",
+        "pip install 'ram-edge[trt]' on a machine with an NVIDIA GPU; on Jetson use the JetPack TensorRT "
+        "(python3-libnvinfer, venv with --system-site-packages) and pip install polygraphy",
+        ("tensorrt", "polygraphy"),
     ),
 }
 
 
-def available_backends() -> Tuple[str, ...]:
+def _missing_module(requires: Tuple[str, ...]) -> Optional[str]:
+    for module in requires:
+        try:
+            if importlib.util.find_spec(module) is None:
+                return module
+        except (ImportError, ValueError):  # a parent that fails to import, or a module without __spec__
+            return module
+    return None
+
+
+def registered_backends() -> Tuple[str, ...]:
+    """Every backend name ram-edge knows, installed or not."""
     return tuple(_REGISTRY)
+
+
+def available_backends() -> Tuple[str, ...]:
+    """The backends whose packages are installed here (found, not imported: cheap; a package that is
+    present but broken, e.g. tensorrt without a GPU driver, still fails clearly when the backend starts)."""
+    return tuple(name for name, entry in _REGISTRY.items() if _missing_module(entry[3]) is None)
 
 
 def get_backend_class(name: str) -> Type[Backend]:
     """The Backend subclass registered as ``name``; a clear error when unknown, unimplemented or missing."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(_REGISTRY)}")
-    module_name, class_name, install = _REGISTRY[name]
+    module_name, class_name, install, requires = _REGISTRY[name]
+    missing = _missing_module(requires)
+    if missing is not None:
+        raise ImportError(f"backend {name!r} needs the module {missing!r}, which is not installed: {install}")
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
@@ -42,9 +65,14 @@ def get_backend_class(name: str) -> Type[Backend]:
     return getattr(module, class_name)
 
 
-def register_backend(name: str, module: str, class_name: str, install_hint: str = "") -> None:
-    """Add a backend (e.g. from a plugin package); it is imported on first use."""
-    _REGISTRY[name] = (module, class_name, install_hint)
+def register_backend(
+    name: str, module: str, class_name: str, install_hint: str = "", requires: Sequence[str] = ()
+) -> None:
+    """Add a backend (e.g. from a plugin package); it is imported on first use. ``requires``: top-level
+    modules it needs, for :func:`available_backends`."""
+    _REGISTRY[name] = (module, class_name, install_hint, tuple(requires))
 
 
-__all__ = ["Backend", "TensorInfo", "available_backends", "get_backend_class", "register_backend"]
+__all__ = [
+    "Backend", "TensorInfo", "available_backends", "get_backend_class", "register_backend", "registered_backends",
+]
