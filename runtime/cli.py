@@ -51,7 +51,7 @@ exit status: 0 all inputs tagged; 1 some inputs failed; 2 usage or bundle error;
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .backends import available_backends
+    from .backends import registered_backends
     from .preprocess import DEFAULT_MAX_PIXELS
 
     p = argparse.ArgumentParser(
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per inference call (16)")
     g.add_argument("--workers", type=int, metavar="N", help="image decoding threads (default: min(8, CPUs))")
-    g.add_argument("--backend", choices=available_backends(), default="onnxruntime", help="inference backend")
+    g.add_argument("--backend", choices=registered_backends(), default="onnxruntime", help="inference backend (tensorrt needs the [trt] extra and an NVIDIA GPU)")
     g.add_argument("--providers", nargs="+", metavar="NAME",
                    help="onnxruntime execution providers in order of preference, e.g. CUDAExecutionProvider "
                         "CPUExecutionProvider (default: CUDA when available, then CPU)")

@@ -52,9 +52,11 @@ class Tagger:
     """Tags images with a bundle written by ``ram-export``.
 
     bundle_dir:       the bundle folder.
-    backend:          "onnxruntime" (the only one for now; "tensorrt" will follow behind the same interface).
+    backend:          "onnxruntime" (CPU or CUDA) or "tensorrt" (NVIDIA GPUs, Jetson; see docs/runtime.md).
     providers:        onnxruntime execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"];
                       None: CUDA first when this onnxruntime has it, else CPU.
+    backend_options:  keyword arguments for the backend, e.g. {"max_tags": 30000, "fp16": True} for
+                      TensorRT (fields of ``TensorRTOptions``) or {"inter_op_threads": 1} for onnxruntime.
     vocabulary:       a :class:`Vocabulary` or a vocabulary folder; None: the bundle's own.
     verify_files:     check every file's sha256 against the manifest at load (a second per GB).
     intra_op_threads: onnxruntime threads per operator (None: one per physical core).
@@ -73,21 +75,23 @@ class Tagger:
         vocabulary: Union[Vocabulary, str, os.PathLike, None] = None,
         verify_files: bool = True,
         intra_op_threads: Optional[int] = None,
+        backend_options: Optional[Dict[str, Any]] = None,
         resize: str = "pillow",
         exif_transpose: bool = True,
         alpha: str = "drop",
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ):
+        options: Dict[str, Any] = dict(backend_options or {})
+        if backend == "onnxruntime":
+            options.update(providers=providers, intra_op_threads=intra_op_threads)
+        elif providers is not None or intra_op_threads is not None:
+            raise ValueError(f"providers and intra_op_threads are onnxruntime settings; backend {backend!r} takes "
+                             "its settings through backend_options")
         self.bundle: BundleInfo = open_bundle(bundle_dir, verify_files=verify_files)
         self.preprocessor = Preprocessor(
             self.bundle.image_size, resize=resize, exif_transpose=exif_transpose, alpha=alpha, max_pixels=max_pixels
         )
         backend_class = get_backend_class(backend)
-        options: Dict[str, Any] = {}
-        if backend == "onnxruntime":
-            options = {"providers": providers, "intra_op_threads": intra_op_threads}
-        elif providers is not None:
-            raise ValueError(f"providers are onnxruntime execution providers; backend {backend!r} takes none")
         self.backend_name = backend
         self._encoder: Backend = backend_class(self.bundle.encoder_path, **options)
         self._decoder: Backend = backend_class(self.bundle.decoder_path, **options)

@@ -175,6 +175,15 @@ def test_backends_and_providers_fail_clearly(test_bundle):
         Tagger(test_bundle, providers=["NoSuchExecutionProvider"])
     with Tagger(test_bundle, providers=["CPUExecutionProvider"], intra_op_threads=1) as tagger:
         assert tagger.providers == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="through backend_options"):
+        Tagger(test_bundle, backend="tensorrt", providers=["CPUExecutionProvider"])
+
+
+def test_backend_options_reach_the_backend(test_bundle):
+    with Tagger(test_bundle, backend_options={"inter_op_threads": 1}) as tagger:
+        assert tagger._encoder.inter_op_threads == 1 and tagger._decoder.inter_op_threads == 1
+    with pytest.raises(TypeError, match="no_such_option"):
+        Tagger(test_bundle, backend_options={"no_such_option": 1})
 
 
 def test_backend_life_cycle(test_bundle):
