@@ -13,7 +13,6 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
-from pathlib import Path
 from typing import Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np

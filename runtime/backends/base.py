@@ -35,7 +35,7 @@ class TensorInfo:
 
 
 class Backend(abc.ABC):
-    """Runs one graph. Subclasses implement ``_activate``, ``_deactivate``, ``_infer`` and metadata."""
+    """Runs one graph. Subclasses implement ``_activate`` (which fills the metadata), ``_deactivate`` and ``_infer``."""
 
     #: Registry name, e.g. "onnxruntime".
     name = "base"
@@ -44,6 +44,8 @@ class Backend(abc.ABC):
         self.model_path = Path(model_path)
         self._active = False
         self._constants: Dict[str, np.ndarray] = {}
+        self._inputs: Tuple[TensorInfo, ...] = ()
+        self._outputs: Tuple[TensorInfo, ...] = ()
 
     # -- life cycle ----------------------------------------------------------------------------------
     @property
@@ -89,17 +91,20 @@ class Backend(abc.ABC):
             raise KeyError(f"{self.model_path.name}: inputs not given: {sorted(missing)}")
         return self._infer(feeds)
 
-    @abc.abstractmethod
     def input_metadata(self) -> Tuple[TensorInfo, ...]:
         """The graph's inputs in declaration order (only valid while active)."""
+        self._require_active()
+        return self._inputs
 
-    @abc.abstractmethod
     def output_metadata(self) -> Tuple[TensorInfo, ...]:
         """The graph's outputs in declaration order (only valid while active)."""
+        self._require_active()
+        return self._outputs
 
     # -- for subclasses --------------------------------------------------------------------------------
     @abc.abstractmethod
-    def _activate(self) -> None: ...
+    def _activate(self) -> None:
+        """Load the graph and set ``self._inputs`` / ``self._outputs`` (tuples of TensorInfo)."""
 
     @abc.abstractmethod
     def _deactivate(self) -> None: ...

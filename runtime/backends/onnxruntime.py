@@ -75,8 +75,6 @@ class OnnxRuntimeBackend(Backend):
         self.inter_op_threads = inter_op_threads
         self._session = None
         self._ort = None
-        self._inputs: Tuple[TensorInfo, ...] = ()
-        self._outputs: Tuple[TensorInfo, ...] = ()
         self._output_names: List[str] = []
         self._device: Tuple[str, int] = ("cpu", 0)
         self._device_constants: Dict[str, Any] = {}
@@ -118,14 +116,6 @@ class OnnxRuntimeBackend(Backend):
     @property
     def device(self) -> str:
         return self._device[0]
-
-    def input_metadata(self) -> Tuple[TensorInfo, ...]:
-        self._require_active()
-        return self._inputs
-
-    def output_metadata(self) -> Tuple[TensorInfo, ...]:
-        self._require_active()
-        return self._outputs
 
     # -- inference -----------------------------------------------------------------------------------
     def _on_constants_changed(self) -> None:

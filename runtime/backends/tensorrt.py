@@ -474,8 +474,6 @@ class TensorRTBackend(Backend):
         self._engine = None
         self._runner = None
         self._ranges: Dict[str, ShapeRange] = {}
-        self._inputs: Tuple[TensorInfo, ...] = ()
-        self._outputs: Tuple[TensorInfo, ...] = ()
         self._device_constants: Dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -598,14 +596,6 @@ class TensorRTBackend(Backend):
         self._inputs, self._outputs, self._ranges = tuple(inputs), tuple(outputs), ranges
 
     # -- metadata ------------------------------------------------------------------------------------
-    def input_metadata(self) -> Tuple[TensorInfo, ...]:
-        self._require_active()
-        return self._inputs
-
-    def output_metadata(self) -> Tuple[TensorInfo, ...]:
-        self._require_active()
-        return self._outputs
-
     @property
     def profile(self) -> Dict[str, ShapeRange]:
         """The engine's optimization profile (as built), by input name."""
