@@ -29,7 +29,7 @@ from ram_edge.vocabulary import Vocabulary
 
 from .graphs import graph_specs
 from .onnx_export import MIN_OPSET, save_onnx, trace_to_onnx
-from .precision import LOGIT_TOLERANCE, PRECISIONS, to_fp16
+from .precision import LOGIT_TOLERANCE, PRECISIONS, to_fp16, to_int8_dynamic
 from .verify import Verification, verify_bundle_graphs
 
 NOTICE_FILE = "NOTICE.recognize-anything.txt"
@@ -164,6 +164,9 @@ def export_bundle(
             if precision == "fp16":
                 say(f"converting the {spec.name} to fp16")
                 proto = to_fp16(proto)
+            elif precision == "int8-dynamic":
+                say(f"quantizing the {spec.name}'s weights to int8 (dynamic activations)")
+                proto = to_int8_dynamic(path)
             save_onnx(proto, path, {**metadata, "graph": spec.name, "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)})
             del proto
             say(f"  {spec.file}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - step:.1f} s")

@@ -1,5 +1,10 @@
 """Precision conversions of exported graphs.
 
+int8-dynamic: ``onnxruntime.quantization.quantize_dynamic`` -- every MatMul with a weight operand gets
+int8 weights (per output channel) and int8 activations quantized per call (per tensor), run by
+onnxruntime's integer GEMMs (VNNI / AMX on recent x86). No calibration data; lossy (see
+docs/precision.md): a CPU fast path for onnxruntime, not for TensorRT.
+
 fp16: weights and math in float16 where it is safe; the ops below stay float32 because they reduce
 over many values or exponentiate (LayerNorm variance, softmax, the L2 norm and exp of RAM++'s
 reweighting), where float16 overflows or loses the small differences that decide a score. Inputs and
@@ -9,6 +14,7 @@ outputs stay float32, so every precision is fed the same way.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import onnx
 
@@ -17,7 +23,7 @@ FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "ReduceSu
 #: Max |logit| error of the whole pipeline against torch fp32 that an export accepts, by precision.
 #: fp32 is the issue's bound; fp16 is measured in docs/precision.md (worst seen on demo weights
 #: and goldens, with margin).
-LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}
+LOGIT_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2, "int8-dynamic": 0.5}
 
 PRECISIONS = tuple(LOGIT_TOLERANCE)
 
@@ -28,3 +34,26 @@ def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns for every weight it rounds below fp16's range
         return float16.convert_float_to_float16(proto, keep_io_types=True, op_block_list=FP32_OPS)
+
+
+def to_int8_dynamic(fp32_path: Path) -> onnx.ModelProto:
+    """Dynamic int8 quantization of the fp32 graph at ``fp32_path`` (weights per channel)."""
+    import logging
+
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(fp32_path), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    # Only products with a weight: attention's activation x activation products stay float.
+    nodes = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    del model
+    quantized_path = fp32_path.with_name(fp32_path.name + ".int8.tmp")
+    quantizer_log = logging.getLogger()
+    level = quantizer_log.level
+    quantizer_log.setLevel(logging.ERROR)  # it advises shape-inference pre-processing on every call
+    try:
+        quantize_dynamic(str(fp32_path), str(quantized_path), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes)
+        return onnx.load(str(quantized_path))
+    finally:
+        quantizer_log.setLevel(level)
+        quantized_path.unlink(missing_ok=True)

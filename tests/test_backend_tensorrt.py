@@ -138,6 +138,8 @@ def test_plan_refusals():
         plan_build(manifest, "encoder.onnx", TensorRTOptions())
     with pytest.raises(ValueError, match="1 <= min <= opt <= max"):
         ShapeRange((1,), (8,), (4,))
+    with pytest.raises(ValueError, match="int8-dynamic bundle is for onnxruntime"):
+        plan_build(ram_plus_manifest("int8-dynamic"), "decoder.onnx", TensorRTOptions())
 
 
 def test_profiles_of_the_test_bundle(tmp_path):

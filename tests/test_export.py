@@ -150,6 +150,19 @@ def test_fp16_bundle(variant, tmp_path):
     assert (tmp_path / "b16" / bf.ENCODER_FILE).stat().st_size < 0.6 * proto.ByteSize() * 2
 
 
+def test_int8_dynamic_bundle(tmp_path):
+    model = demo_model("ram_plus_tiny_384", seed=5, num_tags=40)
+    result = export_bundle(model, tmp_path / "b8", precision="int8-dynamic")
+    v = result.verification
+    assert v.passed and 1e-4 < v.logits_max_abs_error < 0.5
+    proto = onnx.load(str(tmp_path / "b8" / bf.ENCODER_FILE))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops
+    int8_weights = [i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2]
+    assert len(int8_weights) >= 4 * sum(model.config.swin.depths)  # qkv, proj, fc1, fc2 of every block
+    assert bf.read_manifest(tmp_path / "b8")["precision"] == "int8-dynamic"
+
+
 def _leftovers(parent: Path, name: str):
     return sorted(p.name for p in parent.iterdir() if name in p.name)
 

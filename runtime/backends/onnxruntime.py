@@ -6,6 +6,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ram_edge.ort_tuning import session_options
+
 from .base import Backend, TensorInfo
 
 # onnxruntime's type strings -> numpy dtypes (the ones a bundle can contain).
@@ -84,12 +86,9 @@ class OnnxRuntimeBackend(Backend):
         import onnxruntime as ort
 
         self._ort = ort
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if self.intra_op_threads is not None:
-            options.intra_op_num_threads = int(self.intra_op_threads)
-        if self.inter_op_threads is not None:
-            options.inter_op_num_threads = int(self.inter_op_threads)
+        # Graph optimisation ALL, sequential execution, denormals flushed (Swin's shift-mask softmax makes
+        # ~1e-44 values that take x86's slow path): measured in docs/performance.md.
+        options = session_options(self.intra_op_threads, inter_op_threads=self.inter_op_threads)
         providers = resolve_providers(self.requested_providers, ort.get_available_providers())
         self._session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
         self._inputs = tuple(_tensor_info(a) for a in self._session.get_inputs())

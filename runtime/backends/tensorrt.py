@@ -235,6 +235,12 @@ def plan_build(manifest: Mapping[str, Any], graph_file: str, options: TensorRTOp
         profile[name] = ShapeRange(tuple(lo), tuple(opt), tuple(hi))
         dim_names[name] = dims
     precision = str(manifest.get("precision", "fp32"))
+    if precision == "int8-dynamic":
+        # MatMulInteger / DynamicQuantizeLinear: onnxruntime's CPU fast path, not a TensorRT graph.
+        raise ValueError(
+            f"{graph_file}: an int8-dynamic bundle is for onnxruntime on CPU; for TensorRT export an fp16 or "
+            "fp32 bundle (`ram-export --precision fp16`)"
+        )
     fp16 = options.fp16 if options.fp16 is not None else precision in ("fp16", "int8")
     flags = [flag for flag, on in (("fp16", fp16), ("int8", precision == "int8"), ("tf32", options.tf32)) if on]
     return BuildPlan(
