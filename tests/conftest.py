@@ -12,7 +12,6 @@ so every tag's logit depends only on its own rows, and :func:`reference_logits` 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -36,12 +35,8 @@ PATCH_WEIGHTS = np.array(
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
-def shared_dir() -> Optional[Path]:
-    """/work/shared (the reference material), or None when this checkout has none beside it."""
-    env = os.environ.get("RAM_EDGE_SHARED")
-    path = Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
-    return path if path.is_dir() else None
+# The `reference` fixture (../shared/reference, or a skip saying it is absent) for every test module.
+from _shared import reference  # noqa: E402,F401
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import shared_dir
 from ram_edge.runtime.preprocess import DEFAULT_MAX_PIXELS, ImageError, Preprocessor, normalize, pil_to_rgb
 
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -21,16 +20,13 @@ def to_levels(pixel_values: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("golden, size", [("ram_tiny_224", 224), ("ram_plus_tiny_384", 384)])
-def test_pixel_values_equal_the_goldens(golden, size):
-    shared = shared_dir()
-    if shared is None:
-        pytest.skip("reference material absent: no ../shared beside the repository and RAM_EDGE_SHARED unset")
-    reference = np.load(shared / "reference" / "golden" / f"{golden}.npz")["pixel_values"]
+def test_pixel_values_equal_the_goldens(reference, golden, size):
+    expected = np.load(reference / "golden" / f"{golden}.npz")["pixel_values"]
     pre = Preprocessor(size, exif_transpose=False)
     for i, name in enumerate(["demo4.jpg", "tagging_results.jpg"]):
-        ours = pre(shared / "reference" / "images" / name)
+        ours = pre(reference / "images" / name)
         assert ours.shape == (3, size, size) and ours.dtype == np.float32
-        np.testing.assert_array_equal(ours, reference[i])  # bit for bit
+        np.testing.assert_array_equal(ours, expected[i])  # bit for bit
 
 
 def test_opencv_resize_is_close_but_not_equal():
