@@ -133,7 +133,6 @@ def tag_files(
                     results = tagger.select(tagger.probabilities(np.stack(arrays)), threshold, top_k, names=names)
                 except Exception as e:
                     reason = f"inference failed for this batch: {type(e).__name__}: {e}"
-                    results = [None] * len(arrays)
                     for i in good:
                         outcomes[i] = FileResult(batch[i][0], error=reason)
                 else:
