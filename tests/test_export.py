@@ -203,3 +203,28 @@ def test_cli_exit_codes(tmp_path, capsys):
     with pytest.raises(SystemExit):
         export_main(["--help"])
     assert "exit status" in capsys.readouterr().out
+
+
+def test_official_vocabulary_travels_with_the_bundle(tmp_path):
+    """A 4,585-tag model gets the official names, Chinese names and thresholds, and the licence notice."""
+    from ram_edge.runtime import Tagger
+
+    out = tmp_path / "official"
+    export_bundle(demo_model("ram_tiny_224"), out, verify=False)
+    vocab = Vocabulary.load(out / bf.VOCABULARY_DIR)
+    assert len(vocab) == 4585 and vocab.max_descriptions == 1
+    assert (vocab.names[0], vocab.names_zh[0]) == ("3D CG rendering", "三维CG渲染")
+    assert (vocab.names[4584], vocab.names_zh[4584]) == ("zoo", "动物园")
+    assert float(vocab.thresholds[0]) == pytest.approx(0.65)
+    assert (out / "NOTICE.recognize-anything.txt").read_text(encoding="utf-8").startswith("# NOTICES AND INFORMATION")
+    manifest = bf.read_manifest(out)
+    assert manifest["vocabulary"]["source"] == "official" and manifest["vocabulary"]["per_tag_thresholds"] is True
+
+    image = Path(__file__).resolve().parents[1] / "examples" / "images" / "demo4.jpg"
+    with Tagger(out) as tagger:
+        probs = tagger.probabilities(tagger.preprocess(image)[None])[0]
+        result = tagger.tag(image, lang="zh")
+    on = np.flatnonzero(probs > vocab.thresholds)  # upstream's decision: per-tag official thresholds
+    assert sorted(result.indices) == sorted(on.tolist())
+    assert list(result.tags) == [vocab.names_zh[i] for i in result.indices]
+    assert list(result.probabilities) == sorted(result.probabilities, reverse=True)
