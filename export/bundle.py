@@ -35,6 +35,11 @@ from .verify import Verification, verify_bundle_graphs
 NOTICE_FILE = "NOTICE.recognize-anything.txt"
 DEFAULT_OPSET = 17
 DEFAULT_MAX_BATCH = 32
+#: ``vocab_dtype="auto"`` stores embeddings float32 (exact) up to this size and float16 above it: a
+#: 4,585-tag RAM table (9 MB) or a few hundred open-set tags stay exact, RAM++'s official 478 MB
+#: table is halved (the float16 rounding moves golden logits by ~7e-5, see docs/precision.md).
+VOCAB_FLOAT32_MAX_BYTES = 64 * 2**20
+VOCAB_DTYPES = ("auto", "float16", "float32")
 
 
 class ExportError(RuntimeError):
@@ -121,13 +126,16 @@ def export_bundle(
     max_batch: int = DEFAULT_MAX_BATCH,
     source: str = "unknown",
     vocabulary: Optional[Vocabulary] = None,
+    vocab_dtype: str = "auto",
     overwrite: bool = False,
     verify: bool = True,
     progress: Optional[Progress] = None,
 ) -> ExportResult:
     """Export ``model`` to a bundle at ``out_dir``: encoder.onnx, decoder.onnx, vocabulary/, manifest.json.
 
-    ``vocabulary`` replaces the model's default vocabulary in the bundle (the graphs do not change).
+    ``vocabulary`` replaces the model's default vocabulary in the bundle (the graphs do not change);
+    ``vocab_dtype`` is how its embeddings are stored: "float16", "float32" or "auto" (float32 up to
+    ``VOCAB_FLOAT32_MAX_BYTES``, float16 above).
     Raises ``VerificationError`` (and writes nothing) when the graphs disagree with torch beyond the
     precision's tolerance, ``ExportError`` for other failures.
     """
@@ -137,6 +145,8 @@ def export_bundle(
         raise ExportError(f"--opset {opset}: use {MIN_OPSET} or newer (LayerNormalization as one node)")
     if max_batch < 1:
         raise ExportError(f"--max-batch must be at least 1, got {max_batch}")
+    if vocab_dtype not in VOCAB_DTYPES:
+        raise ExportError(f"vocabulary dtype {vocab_dtype!r} is not one of {', '.join(VOCAB_DTYPES)}")
     say = progress or (lambda message: None)
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -171,9 +181,11 @@ def export_bundle(
             del proto
             say(f"  {spec.file}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - step:.1f} s")
 
-        say("writing the default vocabulary (float16 embeddings)")
         vocab = vocabulary if vocabulary is not None else default_vocabulary(model)
-        vocab_dir = vocab.save(staging / bf.VOCABULARY_DIR)
+        if vocab_dtype == "auto":
+            vocab_dtype = "float32" if vocab.embeddings.nbytes <= VOCAB_FLOAT32_MAX_BYTES else "float16"
+        say(f"writing the default vocabulary ({len(vocab)} tags, {vocab_dtype} embeddings)")
+        vocab_dir = vocab.save(staging / bf.VOCABULARY_DIR, dtype=vocab_dtype)
         stored_vocab = Vocabulary.load(vocab_dir)  # verify against what the runtime will read
         if model.tags.source == "official":
             notice = resources.files("ram_edge").joinpath("data", NOTICE_FILE).read_bytes()
@@ -191,7 +203,7 @@ def export_bundle(
             if not verification.passed:
                 raise VerificationError(verification)
 
-        manifest = _manifest(model, staging, precision, opset, max_batch, source, stored_vocab, verification, encoder_spec, decoder_spec)
+        manifest = _manifest(model, staging, precision, opset, max_batch, source, stored_vocab, vocab_dtype, verification, encoder_spec, decoder_spec)
         bf.write_json(staging / bf.MANIFEST_FILE, manifest)  # last: its presence marks a complete bundle
     elapsed = time.perf_counter() - started
     say(f"bundle written to {out_dir} in {elapsed:.1f} s")
@@ -202,7 +214,7 @@ def _describe(tensors) -> str:
     return "; ".join(f"{t.name} {t.dtype} ({', '.join(map(str, t.shape))})" for t in tensors)
 
 
-def _manifest(model, staging, precision, opset, max_batch, source, vocab, verification, encoder_spec, decoder_spec) -> dict:
+def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_dtype, verification, encoder_spec, decoder_spec) -> dict:
     config = model.config
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     thresholds = vocab.thresholds
@@ -231,7 +243,8 @@ def _manifest(model, staging, precision, opset, max_batch, source, vocab, verifi
             "default_threshold": DEFAULT_THRESHOLD,
             "per_tag_thresholds": thresholds is not None,
             "source": model.tags.source,
-            "embedding_bytes_fp16": int(np.prod(vocab.embeddings.shape)) * 2,
+            "dtype": vocab_dtype,
+            "embedding_bytes": int(np.prod(vocab.embeddings.shape)) * np.dtype(vocab_dtype).itemsize,
         },
         "files": {p.relative_to(staging).as_posix(): bf.sha256_file(p) for p in files},
         "verification": None if verification is None else verification.to_dict(),

@@ -6,8 +6,8 @@ On disk (``docs/bundle.md``)::
     vocabulary/
       vocabulary.json   {"format_version": 1, "names": [...], "names_zh": [...] | null,
                          "thresholds": [...] | null, "num_descriptions": [...], "embed_dim": E,
-                         "dtype": "float16"}
-      embeddings.npy    (T, D, E) float16, D = max(num_descriptions), rows past a tag's count are zero
+                         "dtype": "float16" | "float32"}
+      embeddings.npy    (T, D, E) in that dtype, D = max(num_descriptions), rows past a tag's count are zero
 
 In memory the embeddings are held once as a C-contiguous float32 (T, D, E) array, with the (T, D) bool
 mask beside it: exactly what the decoder graph takes, so a backend can bind them once per vocabulary
@@ -26,7 +26,8 @@ import numpy as np
 VOCABULARY_FORMAT_VERSION = 1
 VOCABULARY_JSON = "vocabulary.json"
 EMBEDDINGS_NPY = "embeddings.npy"
-STORED_DTYPE = "float16"
+STORED_DTYPE = "float16"  # the default on disk: half the size, 3 significant digits of unit-norm rows
+STORED_DTYPES = ("float16", "float32")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 PathLike = Union[str, os.PathLike]
@@ -209,15 +210,18 @@ class Vocabulary:
     # ----------------------------------------------------------------------------------------------
     # Files
 
-    def save(self, directory: PathLike) -> Path:
-        """Write ``vocabulary.json`` and ``embeddings.npy`` (float16) into ``directory`` (created)."""
+    def save(self, directory: PathLike, dtype: str = STORED_DTYPE) -> Path:
+        """Write ``vocabulary.json`` and ``embeddings.npy`` (``dtype``: float16 or float32) into
+        ``directory`` (created). float32 keeps the embeddings exact; float16 halves the file."""
+        if dtype not in STORED_DTYPES:
+            raise ValueError(f"Vocabulary.save: dtype must be one of {STORED_DTYPES}, got {dtype!r}")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         peak = float(np.abs(self._embeddings).max()) if self._embeddings.size else 0.0
-        if peak > _FLOAT16_MAX:
+        if dtype == "float16" and peak > _FLOAT16_MAX:
             raise ValueError(
                 f"Vocabulary.save: an embedding component is {peak:g}, beyond float16's range "
-                f"({_FLOAT16_MAX:g}); the bundle stores float16 — normalise the embeddings first"
+                f"({_FLOAT16_MAX:g}); normalise the embeddings first, or save with dtype='float32'"
             )
         meta: Dict[str, Any] = {
             "format_version": VOCABULARY_FORMAT_VERSION,
@@ -226,14 +230,14 @@ class Vocabulary:
             "thresholds": None if self._thresholds is None else [float(t) for t in self._thresholds],
             "num_descriptions": [int(n) for n in self._num_descriptions],
             "embed_dim": int(self.embed_dim),
-            "dtype": STORED_DTYPE,
+            "dtype": dtype,
         }
         # Temporary names then rename, so an interrupted save never leaves a half-written file under
         # the real name.
         npy_tmp = directory / (EMBEDDINGS_NPY + ".tmp")
         json_tmp = directory / (VOCABULARY_JSON + ".tmp")
         with open(npy_tmp, "wb") as f:
-            np.save(f, self._embeddings.astype(np.float16), allow_pickle=False)
+            np.save(f, self._embeddings.astype(dtype, copy=False), allow_pickle=False)
         with open(json_tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False, indent=None, separators=(",", ":"))
             f.write("\n")
@@ -284,7 +288,7 @@ class Vocabulary:
                 f"(num_tags, max(num_descriptions), embed_dim) = {expected}"
             )
         if not np.issubdtype(embeddings.dtype, np.floating):
-            raise ValueError(f"{npy_path}: dtype {embeddings.dtype}, expected {STORED_DTYPE}")
+            raise ValueError(f"{npy_path}: dtype {embeddings.dtype}, expected one of {STORED_DTYPES}")
         try:
             return cls(
                 names,

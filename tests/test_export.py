@@ -59,10 +59,16 @@ def test_golden_logits_through_onnx(name, tmp_path):
     logits = _decode(decoder, embeds, label_embed, np.ones(label_embed.shape[:2], bool))
     assert logits.shape == golden["logits"].shape
     assert np.abs(logits - golden["logits"]).max() <= 1e-4
-    # The bundle's float16-stored vocabulary moves scores by little (unit-norm rows, 3 digits each).
+    # A small vocabulary is stored float32 ("auto"): the bundle's own vocabulary is exact too.
     vocab = Vocabulary.load(tmp_path / "b" / bf.VOCABULARY_DIR)
-    logits16 = _decode(decoder, embeds, vocab.embeddings, vocab.mask)
-    assert np.abs(logits16 - golden["logits"]).max() < 2e-2
+    assert bf.read_manifest(tmp_path / "b")["vocabulary"]["dtype"] == "float32"
+    assert np.abs(_decode(decoder, embeds, vocab.embeddings, vocab.mask) - golden["logits"]).max() <= 1e-4
+    # Stored float16 (what "auto" does for RAM++'s 478 MB table), scores move by ~1e-4 (3 digits a component).
+    export_bundle(model, tmp_path / "b16v", source=pth.name, vocab_dtype="float16", verify=False)
+    vocab16 = Vocabulary.load(tmp_path / "b16v" / bf.VOCABULARY_DIR)
+    assert bf.read_manifest(tmp_path / "b16v")["vocabulary"]["dtype"] == "float16"
+    error16 = np.abs(_decode(decoder, embeds, vocab16.embeddings, vocab16.mask) - golden["logits"]).max()
+    assert 0 < error16 < 5e-4
 
 
 def test_dynamic_batch_tags_descriptions(demo_bundle):
@@ -165,6 +171,16 @@ def test_int8_dynamic_bundle(tmp_path):
 
 def _leftovers(parent: Path, name: str):
     return sorted(p.name for p in parent.iterdir() if name in p.name)
+
+
+def test_vocab_dtype_auto_switches_to_float16_for_large_tables(tmp_path, monkeypatch):
+    model = demo_model("ram_tiny_224", num_tags=8)
+    export_bundle(model, tmp_path / "small", verify=False)
+    monkeypatch.setattr(bundle_module, "VOCAB_FLOAT32_MAX_BYTES", 8 * 512 * 4 - 1)
+    export_bundle(model, tmp_path / "large", verify=False)
+    stored = {name: np.load(tmp_path / name / bf.VOCABULARY_DIR / "embeddings.npy").dtype for name in ("small", "large")}
+    assert stored == {"small": np.float32, "large": np.float16}
+    assert bf.read_manifest(tmp_path / "large")["vocabulary"]["embedding_bytes"] == 8 * 512 * 2
 
 
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):

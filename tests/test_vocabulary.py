@@ -100,6 +100,19 @@ def test_save_refuses_values_beyond_float16(tmp_path):
         Vocabulary(["a"], np.full((1, 4), 1e6)).save(tmp_path / "v")
 
 
+def test_float32_storage_is_exact(tmp_path):
+    rng = np.random.default_rng(3)
+    embeddings = [rng.standard_normal((n, 16)).astype(np.float32) for n in (1, 4, 2)]
+    vocab = Vocabulary(["a", "b", "c"], embeddings)
+    loaded = Vocabulary.load(vocab.save(tmp_path / "v32", dtype="float32"))
+    np.testing.assert_array_equal(loaded.embeddings, vocab.embeddings)
+    assert json.loads((tmp_path / "v32" / "vocabulary.json").read_text())["dtype"] == "float32"
+    half = Vocabulary.load(vocab.save(tmp_path / "v16"))
+    assert 0 < np.abs(half.embeddings - vocab.embeddings).max() < 2e-3  # float16 is the default
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        vocab.save(tmp_path / "v64", dtype="float64")
+
+
 def test_threshold_array_falls_back_to_default():
     vocab = Vocabulary(["a", "b"], np.ones((2, 4)))
     np.testing.assert_array_equal(vocab.threshold_array(0.68), np.float32([0.68, 0.68]))
