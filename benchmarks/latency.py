@@ -38,6 +38,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ram_edge.runtime.tagger import select_tags, sigmoid
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO / "examples" / "images" / "demo4.jpg"
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
@@ -124,20 +126,10 @@ def synthetic_vocabulary(num_tags: int, descriptions: int, dim: int, seed: int =
     return embed, np.ones((num_tags, descriptions), dtype=np.bool_)
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        return (np.float32(1.0) / (np.float32(1.0) + np.exp(-logits.astype(np.float32, copy=False)))).astype(np.float32)
-
-
-def postprocess(logits: np.ndarray, thresholds: np.ndarray, names: Sequence[str]) -> List[List[Tuple[str, float]]]:
-    """What Tagger.tag does after the decoder: sigmoid, per-tag thresholds, most probable first."""
-    probabilities = sigmoid(logits)
-    results = []
-    for row, keep in zip(probabilities, probabilities > thresholds):
-        idx = np.flatnonzero(keep)
-        idx = idx[np.argsort(-row[idx], kind="stable")]
-        results.append([(names[i], float(row[i])) for i in idx])
-    return results
+def postprocess(logits: np.ndarray, thresholds: np.ndarray, names: Sequence[str]) -> list:
+    """What Tagger.tag does after the decoder (the runtime's own functions): sigmoid, per-tag
+    thresholds, most probable first."""
+    return select_tags(sigmoid(logits), thresholds, names)
 
 
 def ratios(table: Dict[str, Dict[str, float]], baseline: str) -> Dict[str, Dict[str, float]]:
@@ -195,7 +187,6 @@ def matmul_peak(threads: Optional[int], repeats: int, shape: Tuple[int, int, int
     a = rng.standard_normal((m, k), dtype=np.float32)
     w = rng.standard_normal((k, n), dtype=np.float32)
     out = {"shape": [m, k, n]}
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 

@@ -162,7 +162,7 @@ def export_bundle(
         "model.image_size": config.image_size,
         "model.embed_dim": config.embed_dim,
         "precision": precision,
-        "preprocessing": "RGB, bilinear resize to SxS, /255, mean (0.485, 0.456, 0.406), std (0.229, 0.224, 0.225), NCHW",
+        "preprocessing": f"RGB, bilinear resize to SxS, /255, mean {bf.IMAGENET_MEAN}, std {bf.IMAGENET_STD}, NCHW",
     }
 
     with _staging_directory(out_dir, overwrite) as staging:

@@ -12,7 +12,7 @@ numpy only at import; ``onnxruntime`` is imported by the functions that need it.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def session_options(
     return options
 
 
-def _device_of(session) -> tuple:
+def session_device(session) -> tuple:
     """("cuda", id) when the session's first provider runs on a CUDA device, else ("cpu", 0)."""
     first = session.get_providers()[0]
     if first in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
@@ -91,7 +91,7 @@ class BoundSession:
 
         self._ort = ort
         self.session = session
-        self._device = _device_of(session)
+        self._device = session_device(session)
         self._output_names: List[str] = [o.name for o in session.get_outputs()]
         self._binding = session.io_binding()
         self._constants: Dict[str, Any] = {}
@@ -117,12 +117,6 @@ class BoundSession:
         outputs = binding.copy_outputs_to_cpu()
         binding.clear_binding_outputs()
         return dict(zip(self._output_names, outputs))
-
-
-def available_providers() -> Sequence[str]:
-    import onnxruntime as ort
-
-    return ort.get_available_providers()
 
 
 class Float16Widener:

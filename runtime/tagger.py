@@ -41,6 +41,26 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
         return (np.float32(1.0) / (np.float32(1.0) + np.exp(-x))).astype(np.float32, copy=False)
 
 
+def select_tags(
+    probabilities: np.ndarray, thresholds: Union[np.ndarray, float], names: Sequence[str], top_k: Optional[int] = None
+) -> List[TagResult]:
+    """(B, T) probabilities -> per row the tags strictly above their threshold (upstream's
+    ``probs > thresholds``), most probable first, at most ``top_k``. No validation: see Tagger.select."""
+    keep = probabilities > thresholds
+    results = []
+    for row, row_keep in zip(probabilities, keep):
+        idx = np.flatnonzero(row_keep)
+        idx = idx[np.argsort(-row[idx], kind="stable")]  # ties keep vocabulary order
+        if top_k is not None:
+            idx = idx[: int(top_k)]
+        results.append(TagResult(
+            tags=tuple(names[i] for i in idx),
+            probabilities=tuple(float(row[i]) for i in idx),
+            indices=tuple(int(i) for i in idx),
+        ))
+    return results
+
+
 def _is_single_image(images: Any) -> bool:
     if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)):
         return True
@@ -245,16 +265,4 @@ class Tagger:
             thresholds = np.float32(threshold)
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        keep = probabilities > thresholds  # strictly above, as upstream's torch.where(probs > thresholds)
-        results = []
-        for row, row_keep in zip(probabilities, keep):
-            idx = np.flatnonzero(row_keep)
-            idx = idx[np.argsort(-row[idx], kind="stable")]  # ties keep vocabulary order
-            if top_k is not None:
-                idx = idx[: int(top_k)]
-            results.append(TagResult(
-                tags=tuple(names[i] for i in idx),
-                probabilities=tuple(float(row[i]) for i in idx),
-                indices=tuple(int(i) for i in idx),
-            ))
-        return results
+        return select_tags(probabilities, thresholds, names, top_k)

@@ -60,8 +60,8 @@ def test_fit_ratios_vocabulary_postprocess(latency):
 
     logits = np.array([[2.0, -1.0, 0.5], [-3.0, 3.0, 1.0]], dtype=np.float32)
     out = latency.postprocess(logits, np.full(3, 0.6, dtype=np.float32), ["a", "b", "c"])
-    assert [[name for name, _ in row] for row in out] == [["a", "c"], ["b", "c"]]
-    assert out[0][0][1] == pytest.approx(1 / (1 + np.exp(-2.0)))
+    assert [list(row.tags) for row in out] == [["a", "c"], ["b", "c"]]
+    assert out[0].probabilities[0] == pytest.approx(1 / (1 + np.exp(-2.0)))
 
 
 def test_ort_tuning_bound_session_and_widener():

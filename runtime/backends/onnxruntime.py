@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ram_edge.ort_tuning import session_options
+from ram_edge.ort_tuning import session_device, session_options
 
 from .base import Backend, TensorInfo
 
@@ -23,7 +23,6 @@ _ORT_DTYPES = {
 }
 
 # Providers whose tensors live in CUDA memory: constant inputs are kept there.
-_CUDA_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
 
 Provider = Union[str, Tuple[str, Dict[str, Any]]]
 
@@ -94,12 +93,7 @@ class OnnxRuntimeBackend(Backend):
         self._inputs = tuple(_tensor_info(a) for a in self._session.get_inputs())
         self._outputs = tuple(_tensor_info(a) for a in self._session.get_outputs())
         self._output_names = [t.name for t in self._outputs]
-        first = self._session.get_providers()[0]
-        if first in _CUDA_PROVIDERS:
-            device_id = self._session.get_provider_options().get(first, {}).get("device_id", 0)
-            self._device = ("cuda", int(device_id))
-        else:
-            self._device = ("cpu", 0)
+        self._device = session_device(self._session)
 
     def _deactivate(self) -> None:
         self._device_constants = {}
