@@ -215,7 +215,9 @@ def test_ram_plus_mixed_description_counts(demo_models):
         block[0, 2:] = 0
         mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
         both = model.decode(embeds, block, mask)
-    assert max_err(both, torch.cat([tag_a, tag_b], dim=1)) <= 1e-6
+    # Same math, different GEMM shapes: float32 kernels may round differently (1.2e-6 seen on logits ~2.7,
+    # ~5 ulp), so the bound is the vocabulary-composition bound used elsewhere, 1e-5.
+    assert max_err(both, torch.cat([tag_a, tag_b], dim=1)) <= 1e-5
 
 
 # -- 7. Swin specifics -----------------------------------------------------------------------------
