@@ -64,6 +64,8 @@ def read_state_dict(path: PathLike) -> StateDict:
             f"{path}: not a PyTorch checkpoint (neither a zip archive nor a pickle; starts with {head!r}): "
             "empty, an HTML error page or a Git LFS pointer? Download it again."
         )
+    if _is_torchscript(path):
+        return read_torchscript_tensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as e:
@@ -94,6 +96,122 @@ def read_state_dict(path: PathLike) -> StateDict:
 
 def _is_zip(path: Path) -> bool:
     return zipfile.is_zipfile(path)
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A TorchScript archive (``torch.jit.save``, e.g. OpenAI's ``ViT-B-16.pt``): a zip with compiled code
+    beside the pickled data. ``torch.load(weights_only=True)`` refuses these."""
+    if not _is_zip(path):
+        return False
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/", 1)[-1].startswith(("code/", "constants.pkl")) for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+class _ScriptObject:
+    """Stands in for a scripted module (``__torch__.*`` class) while unpickling: keeps its attributes."""
+
+    def __init__(self, *args, **kwargs):
+        self.state = {}
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {}
+
+
+#: The storage classes a pickle may name (``torch.FloatStorage`` ...), by the dtype they hold.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name, self.dtype = name, _STORAGE_DTYPES[name]
+
+    def __repr__(self) -> str:
+        return f"torch.{self.name}"
+
+
+class _TensorsOnlyUnpickler(pickle.Unpickler):
+    """Unpickles a TorchScript archive's ``data.pkl`` without running its code: scripted classes become
+    inert attribute holders, tensors are rebuilt from the archive's storages, anything else is refused."""
+
+    _ALLOWED = {
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("collections", "OrderedDict"),
+    }
+
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
+        super().__init__(file)
+        self._archive, self._prefix, self._source = archive, prefix, source
+        self._storages: Dict[str, torch.storage.TypedStorage] = {}
+
+    def find_class(self, module: str, name: str):
+        if module.startswith("__torch__"):
+            return type(name, (_ScriptObject,), {})
+        if (module, name) in self._ALLOWED:
+            import collections
+
+            return {"OrderedDict": collections.OrderedDict}.get(name) or getattr(torch._utils, name)
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not allowed in a tensors-only read")
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, numel = pid
+        if kind != "storage":
+            raise pickle.UnpicklingError(f"unknown persistent id {kind!r}")
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"storage of unknown type {storage_type!r}")
+        if key not in self._storages:
+            dtype = storage_type.dtype
+            raw = self._archive.read(f"{self._prefix}/data/{key}")
+            untyped = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+            self._storages[key] = torch.storage.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+        return self._storages[key]
+
+
+def read_torchscript_tensors(path: PathLike) -> StateDict:
+    """Every tensor attribute of a TorchScript archive, named by its attribute path as ``state_dict()``
+    names it (``transformer.resblocks.0.attn.in_proj_weight``). No pickled or TorchScript code runs."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            data = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+            if not data:
+                raise CheckpointError(f"{path}: a zip archive without data.pkl; not a TorchScript file")
+            prefix = data[0].rsplit("/", 1)[0]
+            with archive.open(data[0]) as f:
+                root = _TensorsOnlyUnpickler(f, archive, prefix, str(path)).load()
+    except CheckpointError:
+        raise
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: refused, the TorchScript archive holds more than modules and tensors ({e})") from e
+    except Exception as e:  # truncated zip, missing storage record, ...
+        raise CheckpointError(
+            f"{path}: not a readable TorchScript archive, probably truncated or corrupt ({type(e).__name__}: {e}). "
+            "Download it again."
+        ) from e
+
+    tensors: StateDict = {}
+
+    def walk(obj, prefix: str) -> None:
+        if isinstance(obj, _ScriptObject):
+            for name, value in obj.state.items():
+                walk(value, f"{prefix}{name}.")
+        elif isinstance(obj, torch.Tensor):
+            tensors[prefix[:-1]] = obj.detach().requires_grad_(False)
+
+    walk(root, "")
+    if not tensors:
+        raise CheckpointError(f"{path}: a TorchScript archive without tensors")
+    return tensors
 
 
 def clean_state_dict(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
