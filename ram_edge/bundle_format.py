@@ -8,6 +8,8 @@ A bundle directory holds::
     decoder.onnx             image_embeds (B,1+N,E), label_embed (T,D,E) float32, label_mask (T,D) bool
                              -> logits (B,T) float32
     vocabulary/              the default vocabulary, in the format of ``ram_edge.vocabulary``
+    text_encoder.onnx        optional: input_ids (N,L) int64 -> text_embeds (N,E) float32 (CLIP's text tower)
+    tokenizer/               with the text encoder: the CLIP BPE merges and their licence
     NOTICE.recognize-anything.txt   when the official tag data is included
 """
 
@@ -16,8 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Union
+from typing import Any, Dict, Iterator, Union
 
 FORMAT_NAME = "ram-edge-bundle"
 FORMAT_VERSION = 1
@@ -26,6 +31,8 @@ MANIFEST_FILE = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 DECODER_FILE = "decoder.onnx"
 VOCABULARY_DIR = "vocabulary"
+TEXT_ENCODER_FILE = "text_encoder.onnx"
+TOKENIZER_DIR = "tokenizer"
 
 # Graph input / output names (also recorded in the manifest, which is what readers should trust).
 PIXEL_VALUES = "pixel_values"
@@ -33,6 +40,8 @@ IMAGE_EMBEDS = "image_embeds"
 LABEL_EMBED = "label_embed"
 LABEL_MASK = "label_mask"
 LOGITS = "logits"
+INPUT_IDS = "input_ids"
+TEXT_EMBEDS = "text_embeds"
 
 # Upstream preprocessing (ARCHITECTURE.md): RGB, Pillow bilinear resize to S x S, /255, normalise.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -96,3 +105,26 @@ def write_json(path: Union[str, os.PathLike], data: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=1, ensure_ascii=False)
         f.write("\n")
+
+
+@contextmanager
+def staged_directory(out_dir: Union[str, os.PathLike]) -> Iterator[Path]:
+    """A fresh hidden sibling of ``out_dir`` to write into; renamed onto ``out_dir`` only if the block
+    succeeds (an old ``out_dir`` disappears only once the new one is complete), removed if it fails or
+    is interrupted. Bundles and vocabulary folders are written this way."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        if out_dir.exists():
+            retired = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(out_dir, retired)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,12 +1,17 @@
 """The tag vocabulary as data: names, optional Chinese names and thresholds, and per-tag description
 embeddings. Numpy only: the exporter writes a bundle's ``vocabulary/`` with it and the runtime reads it.
 
+Open-set vocabularies are built from words with a text encoder (``ram_edge.runtime.TextEncoder``, or
+anything with ``encode(texts) -> (N, E)``): :meth:`Vocabulary.from_names` (upstream's prompt-template
+recipe) and :meth:`Vocabulary.from_descriptions` (RAM++'s LLM descriptions); :meth:`Vocabulary.concat`
+joins vocabularies (the official 4,585 tags + your own) without changing any tag's score.
+
 On disk (``docs/bundle.md``)::
 
     vocabulary/
       vocabulary.json   {"format_version": 1, "names": [...], "names_zh": [...] | null,
                          "thresholds": [...] | null, "num_descriptions": [...], "embed_dim": E,
-                         "dtype": "float16" | "float32"}
+                         "dtype": "float16" | "float32", "info": {...} (optional: how it was built)}
       embeddings.npy    (T, D, E) in that dtype, D = max(num_descriptions), rows past a tag's count are zero
 
 In memory the embeddings are held once as a C-contiguous float32 (T, D, E) array, with the (T, D) bool
@@ -16,19 +21,30 @@ instead of converting them on every call. Both arrays are read-only.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from .openset import template_sentences
+from .tags import DEFAULT_THRESHOLD, OPEN_SET_THRESHOLD
 
 VOCABULARY_FORMAT_VERSION = 1
 VOCABULARY_JSON = "vocabulary.json"
 EMBEDDINGS_NPY = "embeddings.npy"
-STORED_DTYPE = "float16"  # the default on disk: half the size, 3 significant digits of unit-norm rows
 STORED_DTYPES = ("float16", "float32")
+#: ``dtype="auto"`` (the default, for ``Vocabulary.save`` and ``ram-export`` alike) stores embeddings
+#: float32 (exact) up to this size and float16 above it: a 4,585-tag RAM table (9 MB) or a few thousand
+#: open-set tags stay exact, RAM++'s official 478 MB table is halved (the float16 rounding moves golden
+#: logits by ~7e-5, see docs/precision.md).
+VOCAB_FLOAT32_MAX_BYTES = 64 * 2**20
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
+#: Model kinds a vocabulary can be built for: RAM++ keeps every description, RAM averages them.
+OPEN_SET_KINDS = ("ram_plus", "ram")
 
 PathLike = Union[str, os.PathLike]
 
@@ -60,8 +76,10 @@ class Vocabulary:
         names_zh: Optional[Sequence[str]] = None,
         *,
         num_descriptions: Optional[Sequence[int]] = None,
+        info: Optional[Mapping[str, Any]] = None,
     ):
         self._names: List[str] = _check_names(names, "names")
+        self._info: Dict[str, Any] = dict(info or {})
         num_tags = len(self._names)
         self._names_zh: Optional[List[str]] = None
         if names_zh is not None:
@@ -130,6 +148,11 @@ class Vocabulary:
     @property
     def num_tags(self) -> int:
         return self._embeddings.shape[0]
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """How the vocabulary was built (recipe, text encoder, parts), as saved in vocabulary.json."""
+        return dict(self._info)
 
     @property
     def max_descriptions(self) -> int:
@@ -205,16 +228,139 @@ class Vocabulary:
             thresholds=None if self._thresholds is None else self._thresholds[idx],
             names_zh=None if self._names_zh is None else [self._names_zh[i] for i in indices],
             num_descriptions=counts,
+            info={**self._info, "subset_of": self._info.get("recipe", "vocabulary"), "recipe": "subset"},
         )
+
+    @classmethod
+    def concat(cls, *vocabularies: "Vocabulary", default_threshold: float = DEFAULT_THRESHOLD) -> "Vocabulary":
+        """One vocabulary holding every tag of ``vocabularies``, in order: e.g. the official 4,585 tags
+        and your own. Tags never attend to each other in the decoder, so every tag scores exactly as in
+        its own part, whatever the parts' description counts (padding is masked).
+
+        Where one part has per-tag thresholds and another has none, the latter's tags get
+        ``default_threshold`` (upstream's 0.68, what the Tagger would have used for them); where one part
+        has Chinese names and another has none, the latter's English names stand in. Duplicate names
+        across parts are refused (names identify tags in the output).
+        """
+        if len(vocabularies) == 1 and isinstance(vocabularies[0], (list, tuple)):
+            vocabularies = tuple(vocabularies[0])
+        if not vocabularies or not all(isinstance(v, Vocabulary) for v in vocabularies):
+            raise TypeError("Vocabulary.concat: pass one or more Vocabulary objects")
+        widths = sorted({v.embed_dim for v in vocabularies})
+        if len(widths) > 1:
+            raise ValueError(f"Vocabulary.concat: embeddings of different widths {widths}; they come from "
+                             "different text encoders")
+        names = [n for v in vocabularies for n in v._names]
+        _refuse_duplicates(names, "Vocabulary.concat")
+        depth = max(v.max_descriptions for v in vocabularies)
+        embeddings = np.zeros((len(names), depth, widths[0]), dtype=np.float32)
+        row = 0
+        for v in vocabularies:
+            embeddings[row : row + v.num_tags, : v.max_descriptions] = v._embeddings
+            row += v.num_tags
+        thresholds = None
+        if any(v._thresholds is not None for v in vocabularies):
+            thresholds = np.concatenate([v.threshold_array(default_threshold) for v in vocabularies])
+        names_zh = None
+        if any(v._names_zh is not None for v in vocabularies):
+            names_zh = [n for v in vocabularies for n in (v._names_zh if v._names_zh is not None else v._names)]
+        return cls(
+            names, embeddings, thresholds=thresholds, names_zh=names_zh,
+            num_descriptions=np.concatenate([v._num_descriptions for v in vocabularies]),
+            info={"recipe": "concat", "parts": [{"num_tags": v.num_tags, **v._info} for v in vocabularies]},
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Open-set vocabularies from words
+
+    @classmethod
+    def from_names(
+        cls,
+        names: Sequence[str],
+        text_encoder: Any,
+        *,
+        kind: Optional[str] = None,
+        thresholds: Any = None,
+        names_zh: Any = None,
+        progress: bool = False,
+    ) -> "Vocabulary":
+        """A vocabulary of ``names`` by upstream's open-set recipe: each name fills RAM's 63 prompt
+        templates (:mod:`ram_edge.openset`) and every sentence is embedded and L2-normalised. For RAM
+        (``kind="ram"``) a tag's embedding is their mean, normalised again (one row per tag); for RAM++
+        the 63 sentences are the tag's descriptions, so the model's own per-image reweighting picks among
+        them. ``kind`` defaults to the text encoder's bundle (``text_encoder.model_kind``).
+
+        ``thresholds``: None (upstream's open-set 0.5 for every tag, decided with ``>``), one float, one
+        per tag, a mapping name -> threshold, or a CSV/JSON file (see :func:`read_tag_table`), which may
+        also give Chinese names; ``names_zh``: a sequence or a mapping name -> Chinese name.
+        """
+        names = clean_tag_names(names)
+        sentences = [template_sentences(name) for name in names]
+        return cls._from_sentences(names, sentences, text_encoder, kind=kind, thresholds=thresholds, names_zh=names_zh,
+                                   progress=progress, recipe="names")
+
+    @classmethod
+    def from_descriptions(
+        cls,
+        descriptions: Any,
+        text_encoder: Any,
+        *,
+        kind: Optional[str] = None,
+        thresholds: Any = None,
+        names_zh: Any = None,
+        progress: bool = False,
+    ) -> "Vocabulary":
+        """A vocabulary from LLM-written descriptions, RAM++'s recipe: ``descriptions`` is the file format
+        users have (``[{"tag": ["description", ...]}, ...]``, a JSON path or the parsed list) or a mapping
+        tag -> descriptions. Any number of descriptions per tag; each is embedded (truncated at 77 tokens,
+        as upstream) and L2-normalised, one row per description. For RAM a tag's rows are averaged and
+        normalised again. ``thresholds`` / ``names_zh`` as in :meth:`from_names`.
+        """
+        items = read_descriptions(descriptions)
+        names = clean_tag_names([name for name, _ in items])
+        return cls._from_sentences(names, [texts for _, texts in items], text_encoder, kind=kind, thresholds=thresholds,
+                                   names_zh=names_zh, progress=progress, recipe="descriptions")
+
+    @classmethod
+    def _from_sentences(cls, names: List[str], sentences: List[List[str]], text_encoder: Any, *, kind: Optional[str],
+                        thresholds: Any, names_zh: Any, progress: bool, recipe: str) -> "Vocabulary":
+        kind = kind if kind is not None else getattr(text_encoder, "model_kind", None)
+        if kind not in OPEN_SET_KINDS:
+            if kind == "tag2text":
+                raise ValueError("Tag2Text scores only its learned 3,429-tag label table: it has no open-set "
+                                 "vocabularies (use a subset of its own vocabulary instead)")
+            raise ValueError(f"kind must be one of {OPEN_SET_KINDS} (the model the vocabulary is for), got {kind!r}")
+        flat = [text for group in sentences for text in group]
+        embeds = np.asarray(text_encoder.encode(flat, progress=progress), dtype=np.float32)
+        if embeds.ndim != 2 or embeds.shape[0] != len(flat):
+            raise ValueError(f"text encoder returned {embeds.shape} for {len(flat)} texts, expected (N, E)")
+        embeds = _l2_normalize(embeds)
+        rows, start = [], 0
+        for group in sentences:
+            block = embeds[start : start + len(group)]
+            start += len(group)
+            rows.append(_l2_normalize(block.mean(axis=0, keepdims=True)) if kind == "ram" else block)
+        table = resolve_tag_table(names, thresholds, names_zh)
+        info = {"recipe": recipe, "kind": kind, "text_encoder": getattr(text_encoder, "source", None),
+                "texts_per_tag": sorted({len(group) for group in sentences})}
+        return cls(names, rows, thresholds=table["thresholds"], names_zh=table["names_zh"], info=info)
 
     # ----------------------------------------------------------------------------------------------
     # Files
 
-    def save(self, directory: PathLike, dtype: str = STORED_DTYPE) -> Path:
-        """Write ``vocabulary.json`` and ``embeddings.npy`` (``dtype``: float16 or float32) into
-        ``directory`` (created). float32 keeps the embeddings exact; float16 halves the file."""
+    def storage_dtype(self, dtype: str = "auto") -> str:
+        """The dtype :meth:`save` writes for ``dtype``: "auto" is float32 up to VOCAB_FLOAT32_MAX_BYTES of
+        embeddings (exact), float16 above (half the size)."""
+        if dtype == "auto":
+            return "float32" if self._embeddings.nbytes <= VOCAB_FLOAT32_MAX_BYTES else "float16"
         if dtype not in STORED_DTYPES:
-            raise ValueError(f"Vocabulary.save: dtype must be one of {STORED_DTYPES}, got {dtype!r}")
+            raise ValueError(f"Vocabulary.save: dtype must be 'auto' or one of {STORED_DTYPES}, got {dtype!r}")
+        return dtype
+
+    def save(self, directory: PathLike, dtype: str = "auto") -> Path:
+        """Write ``vocabulary.json`` and ``embeddings.npy`` into ``directory`` (created). ``dtype``:
+        "auto" (default, see :meth:`storage_dtype`), "float32" (exact) or "float16" (half the file)."""
+        dtype = self.storage_dtype(dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         peak = float(np.abs(self._embeddings).max()) if self._embeddings.size else 0.0
@@ -232,6 +378,8 @@ class Vocabulary:
             "embed_dim": int(self.embed_dim),
             "dtype": dtype,
         }
+        if self._info:
+            meta["info"] = self._info
         # Temporary names then rename, so an interrupted save never leaves a half-written file under
         # the real name.
         npy_tmp = directory / (EMBEDDINGS_NPY + ".tmp")
@@ -296,6 +444,7 @@ class Vocabulary:
                 thresholds=meta.get("thresholds"),
                 names_zh=meta.get("names_zh"),
                 num_descriptions=counts,
+                info=meta.get("info") if isinstance(meta.get("info"), dict) else None,
             )
         except ValueError as e:
             raise ValueError(f"{directory}: {e}") from e
@@ -314,15 +463,188 @@ def _check_names(names: Sequence[str], field: str) -> List[str]:
     for i, n in enumerate(result):
         if not isinstance(n, str) or not n.strip():
             raise ValueError(f"Vocabulary: {field}[{i}] is {n!r}; tag names are non-empty strings")
-    seen: Dict[str, int] = {}
-    for i, n in enumerate(result):
-        if n in seen:
-            raise ValueError(
-                f"Vocabulary: duplicate tag name {n!r} (positions {seen[n]} and {i}); names identify tags "
-                "in the output, so they must be unique"
-            )
-        seen[n] = i
+    _refuse_duplicates(result, "Vocabulary")
     return result
+
+
+def _refuse_duplicates(names: Sequence[str], who: str) -> None:
+    counts = Counter(names)
+    duplicates = [n for n, c in counts.items() if c > 1]
+    if duplicates:
+        shown = ", ".join(
+            f"{n!r} (positions {', '.join(str(i) for i, m in enumerate(names) if m == n)})" for n in duplicates[:10]
+        )
+        more = f" and {len(duplicates) - 10} more" if len(duplicates) > 10 else ""
+        raise ValueError(
+            f"{who}: duplicate tag names {shown}{more}; names identify tags in the output, so they must be unique"
+        )
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their L2 norm, in float32 like the reference's ``x / x.norm(dim=-1)``."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    if not np.all(norms > 0):
+        raise ValueError("a text embedding has zero norm; the text encoder output is broken")
+    return (x / norms).astype(np.float32, copy=False)
+
+
+def clean_tag_names(names: Sequence[str]) -> List[str]:
+    """Names for an open-set vocabulary: surrounding whitespace stripped; empty or whitespace-only names
+    and duplicates (after stripping) refused, each named with its position."""
+    if isinstance(names, str):
+        raise ValueError("tag names must be a list of strings, not one string (split 'a,b,c' first)")
+    result = []
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            raise ValueError(f"tag name {i} is {name!r}, not a string")
+        if not name.strip():
+            raise ValueError(f"tag name {i} is empty or only whitespace ({name!r})")
+        result.append(name.strip())
+    if not result:
+        raise ValueError("no tag names given")
+    _refuse_duplicates(result, "tag names")
+    return result
+
+
+def read_descriptions(descriptions: Any) -> List[Tuple[str, List[str]]]:
+    """(tag, descriptions) pairs from RAM++'s description format, a JSON file of it, or a mapping.
+
+    The format is ``[{"tag": ["description", ...]}, ...]`` (upstream's ``openimages_rare_200_llm_tag_
+    descriptions.json``); every entry must be a one-key object whose value is a non-empty list of
+    non-empty strings. Each problem is reported with the entry's position and tag.
+    """
+    where = "descriptions"
+    if isinstance(descriptions, (str, os.PathLike)):
+        where = str(descriptions)
+        try:
+            with open(descriptions, encoding="utf-8") as f:
+                descriptions = json.load(f)
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read ({e.strerror or e})") from e
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where}: not valid JSON ({e})") from e
+    if isinstance(descriptions, Mapping):
+        entries = [{k: v} for k, v in descriptions.items()]
+    elif isinstance(descriptions, list):
+        entries = descriptions
+    else:
+        raise ValueError(f'{where}: expected a list like [{{"tag": ["description", ...]}}, ...], '
+                         f"got {type(descriptions).__name__}")
+    if not entries:
+        raise ValueError(f"{where}: no tags")
+    items: List[Tuple[str, List[str]]] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping) or len(entry) != 1:
+            raise ValueError(f'{where}: entry {i} must be an object with one tag, like {{"otter": ["an otter '
+                             f'swimming", ...]}}; got {json.dumps(entry, ensure_ascii=False)[:80]}')
+        (name, texts), = entry.items()
+        if not isinstance(texts, list):
+            raise ValueError(f"{where}: entry {i} ({name!r}): descriptions must be a list of strings, "
+                             f"got {type(texts).__name__}")
+        if not texts:
+            raise ValueError(f"{where}: entry {i} ({name!r}) has no descriptions")
+        for j, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{where}: entry {i} ({name!r}), description {j} is {text!r}; descriptions "
+                                 "are non-empty strings")
+        items.append((name, list(texts)))
+    return items
+
+
+def read_tag_table(path: PathLike) -> Dict[str, Dict[str, Any]]:
+    """Per-tag thresholds and Chinese names from a file: name -> {"threshold": float, "name_zh": str}.
+
+    * CSV with a header naming a ``name`` (or ``tag``) column and any of ``threshold``, ``name_zh``
+      (or ``zh``);
+    * JSON: ``{"otter": 0.6, ...}``, ``{"otter": {"threshold": 0.6, "name_zh": "水獭"}, ...}`` or a list
+      of objects with a ``name`` key.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    rows: List[Mapping[str, Any]]
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if isinstance(data, Mapping):
+            rows = [{"name": k, **(v if isinstance(v, Mapping) else {"threshold": v})} for k, v in data.items()]
+        elif isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
+            rows = data
+        else:
+            raise ValueError(f'{path}: expected {{"tag": threshold, ...}} or a list of {{"name": ..., "threshold": ...}}')
+    else:
+        reader = csv.DictReader(text.splitlines())
+        header = [h.strip().lower() for h in (reader.fieldnames or [])]
+        if not ({"name", "tag"} & set(header)):
+            raise ValueError(f"{path}: the CSV header must name a 'name' (or 'tag') column; it has {header}")
+        rows = [{(k or "").strip().lower(): v for k, v in row.items()} for row in reader]
+    table: Dict[str, Dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        name = row.get("name", row.get("tag"))
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{path}: row {i + 1} has no tag name")
+        entry: Dict[str, Any] = {}
+        threshold = row.get("threshold")
+        if threshold not in (None, ""):
+            try:
+                entry["threshold"] = float(threshold)
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: row {i + 1} ({name!r}): threshold {threshold!r} is not a number") from None
+            if not 0.0 <= entry["threshold"] <= 1.0:
+                raise ValueError(f"{path}: row {i + 1} ({name!r}): threshold {threshold} is not in [0, 1]")
+        zh = row.get("name_zh", row.get("zh"))
+        if zh not in (None, ""):
+            entry["name_zh"] = str(zh)
+        if name.strip() in table:
+            raise ValueError(f"{path}: tag {name.strip()!r} is listed twice")
+        table[name.strip()] = entry
+    return table
+
+
+def resolve_tag_table(names: Sequence[str], thresholds: Any = None, names_zh: Any = None) -> Dict[str, Any]:
+    """Thresholds and Chinese names for an open-set vocabulary of ``names`` from what the user gave
+    (see :meth:`Vocabulary.from_names`). Names the user listed that are not in the vocabulary are
+    refused, so a typo does not silently keep the default."""
+    table: Dict[str, Dict[str, Any]] = {}
+    if isinstance(thresholds, (str, os.PathLike)):
+        table = read_tag_table(thresholds)
+        thresholds = None
+    index = {n: i for i, n in enumerate(names)}
+
+    def per_tag(values: Any, what: str, default: Any) -> List[Any]:
+        if isinstance(values, Mapping):
+            unknown = [k for k in values if k not in index]
+            if unknown:
+                raise ValueError(f"{what} given for tags not in the vocabulary: {', '.join(map(repr, unknown[:10]))}")
+            return [values.get(n, default) for n in names]
+        values = list(values)
+        if len(values) != len(names):
+            raise ValueError(f"{len(values)} {what} for {len(names)} tags")
+        return values
+
+    if table:
+        unknown = [k for k in table if k not in index]
+        if unknown:
+            raise ValueError(f"thresholds file lists tags not in the vocabulary: {', '.join(map(repr, unknown[:10]))}")
+    if thresholds is None:
+        resolved = [table.get(n, {}).get("threshold", OPEN_SET_THRESHOLD) for n in names]
+    elif isinstance(thresholds, (int, float)) and not isinstance(thresholds, bool):
+        resolved = [float(thresholds)] * len(names)
+    else:
+        resolved = per_tag(thresholds, "thresholds", OPEN_SET_THRESHOLD)
+    zh = None
+    if names_zh is not None:
+        zh = per_tag(names_zh, "Chinese names", None)
+        zh = [z if z is not None else n for z, n in zip(zh, names)]
+    elif any("name_zh" in e for e in table.values()):
+        zh = [table.get(n, {}).get("name_zh", n) for n in names]
+    return {"thresholds": resolved, "names_zh": zh}
 
 
 def _pad_embeddings(embeddings, num_tags: int, num_descriptions: Optional[Sequence[int]]):

@@ -162,7 +162,7 @@ def test_manifest_naming_other_inputs_is_refused(test_bundle):
 def test_invalid_bundle_vocabulary_is_a_bundle_error(test_bundle):
     path = test_bundle / "vocabulary" / "vocabulary.json"
     path.write_text(path.read_text(encoding="utf-8").replace('"tag_1"', '"tag_0"'), encoding="utf-8")
-    with pytest.raises(BundleError, match="duplicate tag name 'tag_0'"):
+    with pytest.raises(BundleError, match="duplicate tag names 'tag_0'"):
         Tagger(test_bundle, verify_files=False)
 
 

@@ -40,7 +40,7 @@ def test_save_load_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     vocab = Vocabulary(["cat", "dog", "sky"], [rng.standard_normal((d, 6)) for d in (1, 3, 2)],
                        thresholds=[0.5, 0.7, 0.9], names_zh=["猫", "狗", "天空"])
-    vocab.save(tmp_path / "v")
+    vocab.save(tmp_path / "v", dtype="float16")
     meta = json.loads((tmp_path / "v" / "vocabulary.json").read_text(encoding="utf-8"))
     assert meta == {"format_version": 1, "names": ["cat", "dog", "sky"], "names_zh": ["猫", "狗", "天空"],
                     "thresholds": pytest.approx([0.5, 0.7, 0.9]), "num_descriptions": [1, 3, 2],
@@ -71,7 +71,7 @@ def test_subset_by_name_and_index_keeps_order_and_trims_padding():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(names=["a", "a"], embeddings=np.ones((2, 4))), "duplicate tag name 'a'"),
+    (dict(names=["a", "a"], embeddings=np.ones((2, 4))), r"duplicate tag names 'a' \(positions 0, 1\)"),
     (dict(names=["a", "b"], embeddings=np.ones((3, 4))), "3 tags, names has 2"),
     (dict(names=["a"], embeddings=np.array([[np.nan, 0, 0, 0]])), "NaN or inf"),
     (dict(names=["a"], embeddings=np.array([[np.inf, 0, 0, 0]])), "NaN or inf"),
@@ -97,7 +97,7 @@ def test_load_refuses_shape_mismatch(tmp_path):
 
 def test_save_refuses_values_beyond_float16(tmp_path):
     with pytest.raises(ValueError, match="float16"):
-        Vocabulary(["a"], np.full((1, 4), 1e6)).save(tmp_path / "v")
+        Vocabulary(["a"], np.full((1, 4), 1e6)).save(tmp_path / "v", dtype="float16")
 
 
 def test_float32_storage_is_exact(tmp_path):
@@ -107,10 +107,21 @@ def test_float32_storage_is_exact(tmp_path):
     loaded = Vocabulary.load(vocab.save(tmp_path / "v32", dtype="float32"))
     np.testing.assert_array_equal(loaded.embeddings, vocab.embeddings)
     assert json.loads((tmp_path / "v32" / "vocabulary.json").read_text())["dtype"] == "float32"
-    half = Vocabulary.load(vocab.save(tmp_path / "v16"))
-    assert 0 < np.abs(half.embeddings - vocab.embeddings).max() < 2e-3  # float16 is the default
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    half = Vocabulary.load(vocab.save(tmp_path / "v16", dtype="float16"))
+    assert 0 < np.abs(half.embeddings - vocab.embeddings).max() < 2e-3
+    with pytest.raises(ValueError, match="dtype must be 'auto' or one of"):
         vocab.save(tmp_path / "v64", dtype="float64")
+
+
+def test_save_auto_is_the_exporters_rule(tmp_path, monkeypatch):
+    """One rule for Vocabulary.save and ram-export: float32 up to VOCAB_FLOAT32_MAX_BYTES, float16 above."""
+    import ram_edge.vocabulary as vocabulary_module
+
+    vocab = Vocabulary(["a", "b"], np.ones((2, 3, 16), np.float32) / 4)
+    assert json.loads((vocab.save(tmp_path / "auto") / "vocabulary.json").read_text())["dtype"] == "float32"
+    monkeypatch.setattr(vocabulary_module, "VOCAB_FLOAT32_MAX_BYTES", vocab.embeddings.nbytes - 1)
+    assert vocab.storage_dtype() == "float16"
+    assert json.loads((vocab.save(tmp_path / "big") / "vocabulary.json").read_text())["dtype"] == "float16"
 
 
 def test_threshold_array_falls_back_to_default():
