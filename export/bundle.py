@@ -1,8 +1,11 @@
-"""``export_bundle``: model -> a complete, verified bundle directory, or nothing.
+"""``export_bundle``: model -> a complete, verified bundle directory, or nothing; ``add_text_encoder``:
+an existing bundle + a CLIP text tower -> the same bundle with ``text_encoder.onnx``.
 
-The bundle is built in a hidden sibling directory and renamed into place only after both graphs passed
+The bundle is built in a hidden sibling directory and renamed into place only after every graph passed
 verification and the manifest (written last) lists every file's sha256. A failure or Ctrl-C at any
 step removes the partial directory, so no runtime ever finds a bundle that looks complete but is not.
+Adding a text encoder writes its files beside the image graphs (which stay untouched) and replaces the
+manifest last, atomically.
 """
 
 from __future__ import annotations
@@ -24,22 +27,22 @@ import numpy as np
 from ram_edge import __version__
 from ram_edge import bundle_format as bf
 from ram_edge.models import RAMTagger
+from ram_edge.models.clip_text import ClipTextModel, text_config_summary
 from ram_edge.tags import DEFAULT_THRESHOLD
+from ram_edge.tokenizer_files import CLIP_BPE_FILE, clip_bpe_path
 from ram_edge.vocabulary import Vocabulary
 
-from .graphs import graph_specs
+from .graphs import GraphSpec, image_graph_specs, text_encoder_spec
 from .onnx_export import MIN_OPSET, save_onnx, trace_to_onnx
-from .precision import LOGIT_TOLERANCE, PRECISIONS, to_fp16, to_int8_dynamic
-from .verify import Verification, verify_bundle_graphs
+from .precision import LOGIT_TOLERANCE, PRECISIONS, TEXT_PRECISIONS, TEXT_TOLERANCE, to_fp16, to_int8_dynamic
+from .verify import TextVerification, Verification, verify_bundle_graphs, verify_text_encoder
 
 NOTICE_FILE = "NOTICE.recognize-anything.txt"
 DEFAULT_OPSET = 17
 DEFAULT_MAX_BATCH = 32
-#: ``vocab_dtype="auto"`` stores embeddings float32 (exact) up to this size and float16 above it: a
-#: 4,585-tag RAM table (9 MB) or a few hundred open-set tags stay exact, RAM++'s official 478 MB
-#: table is halved (the float16 rounding moves golden logits by ~7e-5, see docs/precision.md).
-VOCAB_FLOAT32_MAX_BYTES = 64 * 2**20
 VOCAB_DTYPES = ("auto", "float16", "float32")
+#: OpenAI CLIP's vocabulary: 49,408 ids, the last two are the start and end tokens.
+CLIP_VOCAB_SIZE, CLIP_SOT, CLIP_EOT = 49408, 49406, 49407
 
 
 class ExportError(RuntimeError):
@@ -47,11 +50,15 @@ class ExportError(RuntimeError):
 
 
 class VerificationError(ExportError):
-    def __init__(self, verification: Verification):
+    def __init__(self, verification: Union[Verification, TextVerification]):
         self.verification = verification
+        if isinstance(verification, TextVerification):
+            what = f"text_encoder: max |text embedding error| {verification.text_embeds_max_abs_error:.3g}"
+        else:
+            what = f"max |logit error| {verification.logits_max_abs_error:.3g}"
         super().__init__(
-            f"exported graphs disagree with the torch model: max |logit error| "
-            f"{verification.logits_max_abs_error:.3g} > tolerance {verification.tolerance:g}; no bundle written"
+            f"exported graphs disagree with the torch model: {what} > tolerance {verification.tolerance:g}; "
+            "nothing written"
         )
 
 
@@ -99,22 +106,79 @@ def check_output_dir(out_dir: Union[str, os.PathLike], overwrite: bool) -> None:
 def _staging_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
     """A fresh hidden sibling of ``out_dir``; renamed onto ``out_dir`` only if the block succeeds."""
     check_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+    with bf.staged_directory(out_dir) as staging:
         yield staging
-        if out_dir.exists():
-            # Two renames, so that the old bundle disappears only once the new one is complete.
-            retired = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out_dir, retired)
-            os.replace(staging, out_dir)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def _write_graph(spec: GraphSpec, directory: Path, precision: str, opset: int, metadata: Dict[str, object],
+                 say: Progress) -> None:
+    """Trace ``spec`` into ``directory``, convert it to ``precision`` and save it with ``metadata``."""
+    step = time.perf_counter()
+    path = directory / spec.file
+    say(f"tracing the {spec.name} to ONNX (opset {opset})")
+    proto = trace_to_onnx(spec, path, opset)
+    if precision == "fp16":
+        say(f"converting the {spec.name} to fp16")
+        proto = to_fp16(proto)
+    elif precision == "int8-dynamic":
+        say(f"quantizing the {spec.name}'s weights to int8 (dynamic activations)")
+        proto = to_int8_dynamic(path)
+    save_onnx(proto, path, {**metadata, "graph": spec.name, "precision": precision,
+                            "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)})
+    del proto
+    say(f"  {spec.file}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - step:.1f} s")
+
+
+def check_text_encoder(text_encoder: ClipTextModel, embed_dim: int, source: str = "the text encoder") -> None:
+    """Refuse a text tower that cannot produce this bundle's tag embeddings (before any work)."""
+    config = text_encoder.config
+    if config.embed_dim != embed_dim:
+        raise ExportError(
+            f"{source}: its text embeddings are {config.embed_dim} wide but the image model takes "
+            f"embed_dim={embed_dim}; RAM and RAM++ need CLIP ViT-B/16's text tower (512)"
+        )
+    if config.vocab_size != CLIP_VOCAB_SIZE:
+        raise ExportError(
+            f"{source}: token embedding table of {config.vocab_size} rows, but the CLIP tokenizer has "
+            f"{CLIP_VOCAB_SIZE} ids; this is not an OpenAI-CLIP text tower"
+        )
+
+
+def _write_text_encoder(text_encoder: ClipTextModel, directory: Path, *, precision: str, opset: int, verify: bool,
+                        metadata: Dict[str, object], say: Progress) -> dict:
+    """text_encoder.onnx and tokenizer/ into ``directory``; returns the manifest's ``text`` section."""
+    if precision not in TEXT_PRECISIONS:
+        raise ExportError(f"text encoder precision {precision!r}: choose one of {', '.join(TEXT_PRECISIONS)}")
+    text_encoder = text_encoder.float().eval()
+    spec = text_encoder_spec(text_encoder)
+    _write_graph(spec, directory, precision, opset, {**metadata, "text.source": getattr(text_encoder, "source", "")}, say)
+    # The packaged tokenizer folder (merges, MIT LICENSE, NOTICE) travels with the graph.
+    shutil.copytree(clip_bpe_path().parent, directory / bf.TOKENIZER_DIR, dirs_exist_ok=True)
+    verification = None
+    if verify:
+        say("verifying the text encoder in onnxruntime against torch fp32")
+        verification = verify_text_encoder(text_encoder, directory / spec.file, TEXT_TOLERANCE[precision])
+        say(f"  max |error|: text_embeds {verification.text_embeds_max_abs_error:.2e} "
+            f"(tolerance {verification.tolerance:g}), cosine >= {verification.min_cosine:.6f}")
+        if not verification.passed:
+            raise VerificationError(verification)
+    return {
+        "graph_entry": spec.manifest_entry(),
+        "section": {
+            "graph": spec.name,
+            "precision": precision,
+            "tokenizer": {
+                "type": "clip-bpe",
+                "file": f"{bf.TOKENIZER_DIR}/{CLIP_BPE_FILE}",
+                "context_length": text_encoder.config.context_length,
+                "sot_token_id": CLIP_SOT,
+                "eot_token_id": CLIP_EOT,
+                "licence": "MIT (OpenAI CLIP), see tokenizer/LICENSE",
+            },
+            "model": text_config_summary(text_encoder),
+            "verification": None if verification is None else verification.to_dict(),
+        },
+    }
 
 
 def export_bundle(
@@ -127,32 +191,31 @@ def export_bundle(
     source: str = "unknown",
     vocabulary: Optional[Vocabulary] = None,
     vocab_dtype: str = "auto",
+    text_encoder: Optional[ClipTextModel] = None,
+    text_precision: str = "fp32",
     overwrite: bool = False,
     verify: bool = True,
     progress: Optional[Progress] = None,
 ) -> ExportResult:
-    """Export ``model`` to a bundle at ``out_dir``: encoder.onnx, decoder.onnx, vocabulary/, manifest.json.
+    """Export ``model`` to a bundle at ``out_dir``: encoder.onnx, decoder.onnx, vocabulary/, manifest.json,
+    and with ``text_encoder`` (a CLIP text tower) text_encoder.onnx + tokenizer/.
 
     ``vocabulary`` replaces the model's default vocabulary in the bundle (the graphs do not change);
     ``vocab_dtype`` is how its embeddings are stored: "float16", "float32" or "auto" (float32 up to
-    ``VOCAB_FLOAT32_MAX_BYTES``, float16 above).
-    Raises ``VerificationError`` (and writes nothing) when the graphs disagree with torch beyond the
+    ``VOCAB_FLOAT32_MAX_BYTES``, float16 above). ``text_precision``: "fp32" (default: vocabularies are
+    built once, exactness is worth more than speed) or "fp16".
+    Raises ``VerificationError`` (and writes nothing) when a graph disagrees with torch beyond the
     precision's tolerance, ``ExportError`` for other failures.
     """
-    if precision not in PRECISIONS:
-        raise ExportError(f"precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: use {MIN_OPSET} or newer (LayerNormalization as one node)")
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be at least 1, got {max_batch}")
-    if vocab_dtype not in VOCAB_DTYPES:
-        raise ExportError(f"vocabulary dtype {vocab_dtype!r} is not one of {', '.join(VOCAB_DTYPES)}")
+    check_export_options(precision=precision, opset=opset, max_batch=max_batch, vocab_dtype=vocab_dtype,
+                         text_precision=text_precision)
     say = progress or (lambda message: None)
     started = time.perf_counter()
     out_dir = Path(out_dir)
     model = model.float().eval()
     config = model.config
-    encoder_spec, decoder_spec = graph_specs(model)
+    if text_encoder is not None:
+        check_text_encoder(text_encoder, config.embed_dim)
     metadata = {
         "ram_edge.format_version": bf.FORMAT_VERSION,
         "ram_edge.version": __version__,
@@ -161,29 +224,16 @@ def export_bundle(
         "model.source": source,
         "model.image_size": config.image_size,
         "model.embed_dim": config.embed_dim,
-        "precision": precision,
         "preprocessing": f"RGB, bilinear resize to SxS, /255, mean {bf.IMAGENET_MEAN}, std {bf.IMAGENET_STD}, NCHW",
     }
+    specs = image_graph_specs(model)
 
     with _staging_directory(out_dir, overwrite) as staging:
-        for spec in (encoder_spec, decoder_spec):
-            step = time.perf_counter()
-            path = staging / spec.file
-            say(f"tracing the {spec.name} to ONNX (opset {opset})")
-            proto = trace_to_onnx(model, spec, path, opset)
-            if precision == "fp16":
-                say(f"converting the {spec.name} to fp16")
-                proto = to_fp16(proto)
-            elif precision == "int8-dynamic":
-                say(f"quantizing the {spec.name}'s weights to int8 (dynamic activations)")
-                proto = to_int8_dynamic(path)
-            save_onnx(proto, path, {**metadata, "graph": spec.name, "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)})
-            del proto
-            say(f"  {spec.file}: {path.stat().st_size / 2**20:.1f} MiB in {time.perf_counter() - step:.1f} s")
+        for spec in specs:
+            _write_graph(spec, staging, precision, opset, metadata, say)
 
         vocab = vocabulary if vocabulary is not None else default_vocabulary(model)
-        if vocab_dtype == "auto":
-            vocab_dtype = "float32" if vocab.embeddings.nbytes <= VOCAB_FLOAT32_MAX_BYTES else "float16"
+        vocab_dtype = vocab.storage_dtype(vocab_dtype)
         say(f"writing the default vocabulary ({len(vocab)} tags, {vocab_dtype} embeddings)")
         vocab_dir = vocab.save(staging / bf.VOCABULARY_DIR, dtype=vocab_dtype)
         stored_vocab = Vocabulary.load(vocab_dir)  # verify against what the runtime will read
@@ -193,7 +243,7 @@ def export_bundle(
 
         verification = None
         if verify:
-            say("verifying both graphs in onnxruntime against torch fp32")
+            say("verifying both image graphs in onnxruntime against torch fp32")
             verification = verify_bundle_graphs(model, staging, stored_vocab, LOGIT_TOLERANCE[precision])
             say(
                 f"  max |error|: image_embeds {verification.image_embeds_max_abs_error:.2e}, logits "
@@ -202,23 +252,111 @@ def export_bundle(
             )
             if not verification.passed:
                 raise VerificationError(verification)
+        text = None
+        if text_encoder is not None:
+            text = _write_text_encoder(text_encoder, staging, precision=text_precision, opset=opset, verify=verify,
+                                       metadata=metadata, say=say)
 
-        manifest = _manifest(model, staging, precision, opset, max_batch, source, stored_vocab, vocab_dtype, verification, encoder_spec, decoder_spec)
+        manifest = _manifest(model, staging, precision, opset, max_batch, source, stored_vocab, vocab_dtype,
+                             verification, specs, text)
         bf.write_json(staging / bf.MANIFEST_FILE, manifest)  # last: its presence marks a complete bundle
     elapsed = time.perf_counter() - started
     say(f"bundle written to {out_dir} in {elapsed:.1f} s")
     return ExportResult(out_dir, manifest, verification, elapsed)
 
 
+def check_export_options(*, precision: str = "fp32", opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH,
+                         vocab_dtype: str = "auto", text_precision: str = "fp32") -> None:
+    """Refuse bad export options before any model is built (the CLI calls it first)."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"--precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if opset < MIN_OPSET:
+        raise ExportError(f"--opset {opset}: use {MIN_OPSET} or newer (LayerNormalization as one node)")
+    if max_batch < 1:
+        raise ExportError(f"--max-batch must be at least 1, got {max_batch}")
+    if vocab_dtype not in VOCAB_DTYPES:
+        raise ExportError(f"--vocab-dtype {vocab_dtype!r} is not one of {', '.join(VOCAB_DTYPES)}")
+    if text_precision not in TEXT_PRECISIONS:
+        raise ExportError(f"--text-precision {text_precision!r}: choose one of {', '.join(TEXT_PRECISIONS)}")
+
+
+def add_text_encoder(
+    bundle_dir: Union[str, os.PathLike],
+    text_encoder: ClipTextModel,
+    *,
+    text_precision: str = "fp32",
+    opset: Optional[int] = None,
+    overwrite: bool = False,
+    verify: bool = True,
+    progress: Optional[Progress] = None,
+) -> ExportResult:
+    """Add ``text_encoder`` to the existing bundle ``bundle_dir`` without touching its image graphs.
+
+    The new files are written and verified in a hidden folder inside the bundle, moved into place, and
+    the manifest is replaced last (atomically). A bundle that already has a text encoder is refused
+    unless ``overwrite``.
+    """
+    say = progress or (lambda message: None)
+    started = time.perf_counter()
+    bundle_dir = Path(bundle_dir)
+    try:
+        manifest = bf.read_manifest(bundle_dir)
+    except bf.BundleError as e:
+        raise ExportError(f"--out {bundle_dir}: {e}") from e
+    if "text_encoder" in manifest.get("graphs", {}) and not overwrite:
+        raise ExportError(f"{bundle_dir} already has a text encoder; pass --overwrite to replace it")
+    check_text_encoder(text_encoder, int(manifest["model"]["embed_dim"]), getattr(text_encoder, "source", "text encoder"))
+    opset = int(opset or manifest.get("opset", DEFAULT_OPSET))
+    check_export_options(opset=opset, text_precision=text_precision)
+    metadata = {
+        "ram_edge.format_version": bf.FORMAT_VERSION,
+        "ram_edge.version": __version__,
+        "model.kind": manifest["model"].get("kind", ""),
+        "model.embed_dim": manifest["model"]["embed_dim"],
+    }
+    staging = bundle_dir / f".text-encoder.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        text = _write_text_encoder(text_encoder, staging, precision=text_precision, opset=opset, verify=verify,
+                                   metadata=metadata, say=say)
+        files = dict(manifest.get("files", {}))
+        for rel in [r for r in files if r == bf.TEXT_ENCODER_FILE or r.startswith(bf.TOKENIZER_DIR + "/")]:
+            del files[rel]  # the old text encoder's entries, when overwriting
+        new_files = sorted(p for p in staging.rglob("*") if p.is_file())
+        for path in new_files:
+            files[path.relative_to(staging).as_posix()] = bf.sha256_file(path)
+        manifest = dict(manifest)
+        manifest["graphs"] = {**manifest["graphs"], "text_encoder": text["graph_entry"]}
+        manifest["text"] = text["section"]
+        manifest["files"] = dict(sorted(files.items()))
+        manifest["versions"] = {**manifest.get("versions", {}), **_versions()}
+        target_tokenizer = bundle_dir / bf.TOKENIZER_DIR
+        if target_tokenizer.exists():
+            shutil.rmtree(target_tokenizer)
+        os.replace(staging / bf.TOKENIZER_DIR, target_tokenizer)
+        os.replace(staging / bf.TEXT_ENCODER_FILE, bundle_dir / bf.TEXT_ENCODER_FILE)
+        tmp_manifest = bundle_dir / (bf.MANIFEST_FILE + ".tmp")
+        bf.write_json(tmp_manifest, manifest)
+        os.replace(tmp_manifest, bundle_dir / bf.MANIFEST_FILE)  # last, atomically
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    say(f"text encoder added to {bundle_dir} in {elapsed:.1f} s")
+    return ExportResult(bundle_dir, manifest, None, elapsed)
+
+
 def _describe(tensors) -> str:
     return "; ".join(f"{t.name} {t.dtype} ({', '.join(map(str, t.shape))})" for t in tensors)
 
 
-def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_dtype, verification, encoder_spec, decoder_spec) -> dict:
+def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_dtype, verification, specs, text) -> dict:
     config = model.config
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     thresholds = vocab.thresholds
-    return {
+    graphs = {spec.name: spec.manifest_entry() for spec in specs}
+    if text is not None:
+        graphs["text_encoder"] = text["graph_entry"]
+    manifest = {
         "format": bf.FORMAT_NAME,
         "format_version": bf.FORMAT_VERSION,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -235,7 +373,7 @@ def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_
         "precision": precision,
         "opset": opset,
         "max_batch": max_batch,
-        "graphs": {"encoder": encoder_spec.manifest_entry(), "decoder": decoder_spec.manifest_entry()},
+        "graphs": graphs,
         "vocabulary": {
             "dir": bf.VOCABULARY_DIR,
             "num_tags": len(vocab),
@@ -250,3 +388,6 @@ def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_
         "verification": None if verification is None else verification.to_dict(),
         "versions": _versions(),
     }
+    if text is not None:
+        manifest["text"] = text["section"]
+    return manifest

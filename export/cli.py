@@ -12,10 +12,15 @@ EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 EPILOG = """\
 examples:
-  ram-export --checkpoint ram_plus_swin_large_14m.pth --precision fp16 --out bundles/ram_plus_fp16
+  ram-export --checkpoint ram_plus_swin_large_14m.pth --text-encoder ViT-B-16.pt --precision fp16 --out bundles/ram_plus_fp16
   ram-export --checkpoint ram_swin_large_14m.pth --out bundles/ram        (RAM: architecture inferred)
-  ram-export --demo ram_plus_swin_l_384 --out bundles/demo               (seeded random weights)
+  ram-export --text-encoder ViT-B-16.pt --out bundles/ram                 (add CLIP's text encoder to a bundle)
+  ram-export --demo ram_plus_swin_l_384 --out bundles/demo               (seeded random weights, text encoder too)
   ram-export --demo ram_plus_tiny_384 --out bundles/tiny                 (seconds; for trying things out)
+
+The text encoder (CLIP ViT-B/16's text tower: OpenAI's ViT-B-16.pt, an open_clip checkpoint or Hugging
+Face openai/clip-vit-base-patch16 model.safetensors) lets the runtime build open-set vocabularies from
+words (ram-vocab, ram-tag --tags) and classify zero-shot (ram-tag --classify).
 
 exit status: 0 bundle written; 1 the graphs failed verification (nothing written);
              2 bad arguments, checkpoint or output path; 130 interrupted (nothing written)
@@ -34,10 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    source = parser.add_mutually_exclusive_group(required=True)
+    source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="PATH", help="official .pth (or bare state dict, or .safetensors); architecture inferred")
     source.add_argument("--demo", metavar="VARIANT", choices=sorted(PRESETS), help="seeded random weights of a preset: " + ", ".join(sorted(PRESETS)))
-    parser.add_argument("--out", required=True, metavar="DIR", help="bundle directory to create")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="bundle directory to create; with only --text-encoder, the existing bundle to add it to")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="graph precision (default fp32)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset, 17 or newer (default 17)")
     parser.add_argument("--max-batch", type=int, default=32, help="largest batch the bundle is meant for; recorded for TensorRT profiles (default 32)")
@@ -50,30 +56,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab-dtype", default="auto", choices=["auto", "float16", "float32"],
                         help="how the vocabulary's embeddings are stored: auto = float32 (exact) up to 64 MiB, "
                         "float16 above (RAM++'s official 478 MB table becomes 239 MB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --out (only once the new one is complete)")
+    text = parser.add_argument_group("text encoder (open-set vocabularies from words)")
+    text.add_argument("--text-encoder", metavar="PATH",
+                      help="CLIP text weights: OpenAI ViT-B-16.pt, an open_clip checkpoint, or a Hugging Face "
+                      "CLIP(TextModelWithProjection) .safetensors; alone (no --checkpoint/--demo) it is added to the "
+                      "existing bundle at --out")
+    text.add_argument("--text-heads", type=int, metavar="H",
+                      help="attention heads of the text tower (default width // 64, OpenAI's rule: 8 for ViT-B/16)")
+    text.add_argument("--text-activation", choices=["quick_gelu", "gelu"], default=None,
+                      help="quick_gelu for OpenAI's models (default), gelu for open_clip's own trainings")
+    text.add_argument("--text-precision", choices=["fp32", "fp16"], default="fp32",
+                      help="precision of text_encoder.onnx (default fp32: vocabularies are built once)")
+    text.add_argument("--no-text-encoder", action="store_true", help="with --demo: leave out the demo text encoder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (or its text encoder) at --out (only once the new one is complete)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check (not recommended)")
     parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     started = time.perf_counter()
 
     def say(message: str) -> None:
         if not args.quiet:
             print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
+    if not (args.checkpoint or args.demo or args.text_encoder):
+        parser.error("one of --checkpoint, --demo or --text-encoder is required")
+    if args.no_text_encoder and args.text_encoder:
+        parser.error("--no-text-encoder and --text-encoder contradict each other")
+    if args.text_heads is not None and args.text_heads < 1:
+        parser.error(f"--text-heads must be at least 1, got {args.text_heads}")
+
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="  %(message)s", stream=sys.stderr)
     say("importing torch and the exporter")
     try:
-        from ram_edge.export import ExportError, VerificationError, export_bundle
+        from ram_edge.export import ExportError, VerificationError, add_text_encoder, check_export_options, export_bundle
         from ram_edge.export.bundle import check_output_dir
         from ram_edge.models import CheckpointError, demo_model, load_checkpoint
         from ram_edge.models.checkpoint import as_tag_set
+        from ram_edge.models.clip_text import ClipCheckpointError, demo_clip_text, load_clip_text
+
+        check_export_options(precision=args.precision, opset=args.opset, max_batch=args.max_batch,
+                             vocab_dtype=args.vocab_dtype, text_precision=args.text_precision)
+        text_encoder = None
+        if args.text_encoder:
+            say(f"loading the text encoder {args.text_encoder}")
+            text_encoder = load_clip_text(args.text_encoder, heads=args.text_heads, activation=args.text_activation)
+            c = text_encoder.config
+            say(f"text encoder: width {c.width}, {c.layers} layers, {c.heads} heads, {c.activation}, embeddings {c.embed_dim}")
+        if not (args.checkpoint or args.demo):
+            result = add_text_encoder(args.out, text_encoder, text_precision=args.text_precision,
+                                      overwrite=args.overwrite, verify=not args.no_verify, progress=say)
+            print(result.directory)
+            return EXIT_OK
 
         check_output_dir(args.out, args.overwrite)
-
         if args.checkpoint:
             say(f"loading {args.checkpoint}")
             model = load_checkpoint(
@@ -86,6 +126,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise ValueError("--image-size and --variant apply to --checkpoint; a --demo preset fixes both")
             model = demo_model(args.demo, seed=args.seed, tags=as_tag_set(args.tags) if args.tags else None, num_tags=args.num_tags)
             source = f"demo:seed={args.seed}"
+            if text_encoder is None and not args.no_text_encoder:
+                text_preset = "clip_tiny" if "_tiny_" in args.demo else "clip_vit_b_16"
+                say(f"building the demo text encoder ({text_preset}, seed {args.seed})")
+                text_encoder = demo_clip_text(text_preset, seed=args.seed)
         config = model.config
         say(
             f"model: {config.kind} {config.variant}, image {config.image_size}, Swin {config.swin.embed_dim}/"
@@ -99,6 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             max_batch=args.max_batch,
             source=source,
             vocab_dtype=args.vocab_dtype,
+            text_encoder=text_encoder,
+            text_precision=args.text_precision,
             overwrite=args.overwrite,
             verify=not args.no_verify,
             progress=say,
@@ -109,7 +155,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except VerificationError as e:
         print(f"ram-export: {e}", file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
-    except (CheckpointError, ExportError, ValueError, KeyError, OSError) as e:
+    except (CheckpointError, ClipCheckpointError, ExportError, ValueError, KeyError, OSError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"ram-export: error: {message}", file=sys.stderr)
         return EXIT_USAGE

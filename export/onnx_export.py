@@ -9,9 +9,7 @@ from typing import Dict
 import onnx
 import torch
 
-from ram_edge.models import RAMTagger
-
-from .graphs import GraphSpec, dummy_inputs
+from .graphs import GraphSpec
 
 #: ONNX files are protobufs, capped at 2 GB; larger graphs keep their weights in a side file.
 PROTOBUF_LIMIT = 2**31 - 2**26
@@ -19,18 +17,18 @@ PROTOBUF_LIMIT = 2**31 - 2**26
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (TensorRT keeps it accurate in fp16)
 
 
-def trace_to_onnx(model: RAMTagger, spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
-    """Trace ``spec``'s half of ``model`` and return the ONNX model (not yet written)."""
+def trace_to_onnx(spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:
+    """Trace ``spec``'s module to ``path`` and return the ONNX model (rewritten by ``save_onnx``)."""
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is too old: LayerNormalization needs opset {MIN_OPSET} or newer")
-    module = spec.wrapper(model).eval()
+    module = spec.build().eval()
     with torch.no_grad(), warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo; it is still the one that traces
-        # these models to plain, TensorRT-friendly graphs with symbolic batch / tag / description axes.
+        # these models to plain, TensorRT-friendly graphs with symbolic batch / tag / token axes.
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module,
-            dummy_inputs(model, spec),
+            spec.example_inputs(),
             str(path),
             input_names=[t.name for t in spec.inputs],
             output_names=[t.name for t in spec.outputs],

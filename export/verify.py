@@ -10,7 +10,10 @@ import torch
 
 from ram_edge import bundle_format as bf
 from ram_edge.models import RAMTagger
+from ram_edge.models.clip_text import ClipTextModel
 from ram_edge.vocabulary import Vocabulary
+
+from .graphs import sample_token_ids
 
 
 @dataclass
@@ -31,6 +34,51 @@ class Verification:
         return {**asdict(self), "passed": self.passed}
 
 
+@dataclass
+class TextVerification:
+    text_embeds_max_abs_error: float
+    min_cosine: float
+    tolerance: float
+    lengths: list
+    reference: str = "torch fp32, same token ids"
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.text_embeds_max_abs_error <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def verify_text_encoder(model: ClipTextModel, path: Path, tolerance: float) -> TextVerification:
+    """``text_encoder.onnx`` in onnxruntime vs ``model`` in torch on token batches of several lengths: a
+    full context (77) and one cut to its longest sequence, as the runtime feeds them."""
+    session = _session(path)
+    context = model.config.context_length
+    worst, min_cos, lengths = 0.0, 1.0, []
+    for batch in ((context, 9, 2, 30), (5, 12, 3)):
+        batch = tuple(min(n, context) for n in batch)
+        ids = sample_token_ids(model, batch, seed=len(batch))
+        with torch.no_grad():
+            expected = model(ids).numpy()
+        got = session.run(None, {bf.INPUT_IDS: ids.numpy()})[0]
+        if got.shape != expected.shape:
+            raise RuntimeError(f"text encoder returned {got.shape}, expected {expected.shape}")
+        worst = max(worst, float(np.abs(got - expected).max()))
+        cos = (got * expected).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(expected, axis=-1))
+        min_cos = min(min_cos, float(cos.min()))
+        lengths.extend(batch)
+    return TextVerification(worst, min_cos, tolerance, lengths)
+
+
 def sample_pixels(image_size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
     """Normalised pixels of seeded uniform-noise images: every value in the range real images reach."""
     rng = np.random.default_rng(seed)
@@ -41,13 +89,8 @@ def sample_pixels(image_size: int, batch: int = 2, seed: int = 0) -> np.ndarray:
 
 def verify_bundle_graphs(model: RAMTagger, directory: Path, vocabulary: Vocabulary, tolerance: float) -> Verification:
     """Both graphs in onnxruntime (CPU) vs ``model`` in torch fp32, on two sample images and ``vocabulary``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    providers = ["CPUExecutionProvider"]
-    encoder = ort.InferenceSession(str(directory / bf.ENCODER_FILE), options, providers=providers)
-    decoder = ort.InferenceSession(str(directory / bf.DECODER_FILE), options, providers=providers)
+    encoder = _session(directory / bf.ENCODER_FILE)
+    decoder = _session(directory / bf.DECODER_FILE)
 
     pixels = sample_pixels(model.config.image_size)
     # Copies: the vocabulary's arrays are read-only, torch wants writable ones.

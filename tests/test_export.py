@@ -176,7 +176,9 @@ def _leftovers(parent: Path, name: str):
 def test_vocab_dtype_auto_switches_to_float16_for_large_tables(tmp_path, monkeypatch):
     model = demo_model("ram_tiny_224", num_tags=8)
     export_bundle(model, tmp_path / "small", verify=False)
-    monkeypatch.setattr(bundle_module, "VOCAB_FLOAT32_MAX_BYTES", 8 * 512 * 4 - 1)
+    import ram_edge.vocabulary
+
+    monkeypatch.setattr(ram_edge.vocabulary, "VOCAB_FLOAT32_MAX_BYTES", 8 * 512 * 4 - 1)
     export_bundle(model, tmp_path / "large", verify=False)
     stored = {name: np.load(tmp_path / name / bf.VOCABULARY_DIR / "embeddings.npy").dtype for name in ("small", "large")}
     assert stored == {"small": np.float32, "large": np.float16}
