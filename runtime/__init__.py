@@ -1,8 +1,9 @@
-"""Torch-free inference for ram-edge bundles: numpy, Pillow and a backend (onnxruntime; TensorRT later).
+"""Torch-free inference for ram-edge bundles: numpy, Pillow and a backend (onnxruntime, TensorRT).
 
-    from ram_edge.runtime import Tagger
+    from ram_edge.runtime import Tagger, TextEncoder, Vocabulary
     tagger = Tagger("bundle/")
     print(tagger.tag("photo.jpg").tags)
+    tagger.set_vocabulary(Vocabulary.from_names(["otter", "kayak"], tagger.text_encoder))   # open-set
 
 Importing this package imports neither torch, onnx, onnxruntime nor tensorrt: backends load lazily.
 """
@@ -12,11 +13,13 @@ from ram_edge.vocabulary import Vocabulary
 
 from .backends import Backend, TensorInfo, available_backends, get_backend_class, register_backend
 from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Preprocessor
-from .tagger import TagResult, Tagger, sigmoid
+from .tagger import ClassResult, TagResult, Tagger, sigmoid
+from .text_encoder import TextEncoder
 
 __all__ = [
     "Backend",
     "BundleError",
+    "ClassResult",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
     "ImageError",
@@ -24,6 +27,7 @@ __all__ = [
     "TagResult",
     "Tagger",
     "TensorInfo",
+    "TextEncoder",
     "Vocabulary",
     "available_backends",
     "get_backend_class",

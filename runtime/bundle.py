@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Mapping, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -17,7 +17,15 @@ from ram_edge.tags import DEFAULT_THRESHOLD
 
 from .backends.base import Backend, TensorInfo
 
-_MANIFEST_DTYPES = {"float32": np.float32, "float16": np.float16, "bool": np.bool_, "int64": np.int64}
+_MANIFEST_DTYPES = {"float32": np.float32, "float16": np.float16, "bool": np.bool_, "int64": np.int64,
+                    "int32": np.int32}
+
+#: What to tell a user whose bundle lacks the text encoder (open-set vocabularies, classification).
+ADD_TEXT_ENCODER_HINT = (
+    "add one to this bundle (the image graphs are not re-exported) with "
+    "`ram-export --text-encoder ViT-B-16.pt --out {bundle}` (OpenAI's CLIP ViT-B/16 weights, or the "
+    "openai/clip-vit-base-patch16 safetensors); see docs/openset.md"
+)
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,9 @@ class BundleInfo:
     encoder: GraphSpec
     decoder: GraphSpec
     vocabulary_dir: Path
+    text_encoder: Optional[GraphSpec] = None
+    tokenizer_path: Optional[Path] = None
+    context_length: int = 77
 
     @property
     def encoder_path(self) -> Path:
@@ -72,6 +83,27 @@ class BundleInfo:
     def logits_name(self) -> str:
         return self.decoder.outputs[0].name
 
+    @property
+    def model_kind(self) -> str:
+        return str(self.manifest["model"].get("kind", "ram_plus"))
+
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.text_encoder is not None
+
+    @property
+    def text_encoder_path(self) -> Path:
+        if self.text_encoder is None:
+            raise BundleError(f"{self.path}: this bundle has no text encoder; "
+                              + ADD_TEXT_ENCODER_HINT.format(bundle=self.path))
+        return self.path / self.text_encoder.file
+
+    @property
+    def logit_scale(self) -> float:
+        """CLIP's temperature for zero-shot classification (100 for OpenAI's models)."""
+        text = self.manifest.get("text") or {}
+        return float((text.get("model") or {}).get("logit_scale", 100.0))
+
 
 def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
     """Read and check ``manifest.json``; with ``verify_files`` also the sha256 of every listed file."""
@@ -93,6 +125,13 @@ def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
     graphs = get(manifest, "graphs", dict, "")
     encoder = _graph_spec(get(graphs, "encoder", dict, "graphs."), "encoder", where, 1, 1)
     decoder = _graph_spec(get(graphs, "decoder", dict, "graphs."), "decoder", where, 3, 1)
+    text_encoder, tokenizer_path, context_length = None, None, 77
+    if "text_encoder" in graphs:
+        text_encoder = _graph_spec(get(graphs, "text_encoder", dict, "graphs."), "text_encoder", where, 1, 1)
+        text = get(manifest, "text", dict, "")
+        tokenizer = get(text, "tokenizer", dict, "text.")
+        tokenizer_path = bundle_dir / _safe_relative(get(tokenizer, "file", str, "text.tokenizer."), where)
+        context_length = get(tokenizer, "context_length", int, "text.tokenizer.")
     vocab_meta = manifest.get("vocabulary") or {}
     vocab_dir = vocab_meta.get("dir", "vocabulary") if isinstance(vocab_meta, dict) else "vocabulary"
     default_threshold = vocab_meta.get("default_threshold", DEFAULT_THRESHOLD) if isinstance(vocab_meta, dict) \
@@ -110,6 +149,9 @@ def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
         encoder=encoder,
         decoder=decoder,
         vocabulary_dir=bundle_dir / _safe_relative(vocab_dir, where),
+        text_encoder=text_encoder,
+        tokenizer_path=tokenizer_path,
+        context_length=context_length,
     )
     _check_declared_shapes(info, where)
     _check_files(info, get(manifest, "files", dict, ""), where, verify_files)
@@ -146,7 +188,10 @@ def _safe_relative(rel: str, where: Path) -> str:
 
 
 def _check_files(info: BundleInfo, files: Mapping[str, Any], where: Path, verify: bool) -> None:
-    for required in (info.encoder.file, info.decoder.file):
+    required_files = [info.encoder.file, info.decoder.file]
+    if info.text_encoder is not None:
+        required_files += [info.text_encoder.file, info.tokenizer_path.relative_to(info.path).as_posix()]
+    for required in required_files:
         if required not in files:
             raise BundleError(f"{where}: 'files' lists no sha256 for {required}. Re-run `ram-export`.")
     for rel, digest in files.items():
@@ -162,7 +207,7 @@ def _check_files(info: BundleInfo, files: Mapping[str, Any], where: Path, verify
                 raise BundleError(
                     f"{path}: sha256 {actual} does not match the manifest's {digest}: the file was modified or "
                     "damaged after export. Copy the bundle again or re-run `ram-export` "
-                    "(verify_files=False skips this check)."
+                    "(--no-verify skips this check; in Python, verify_files=False)."
                 )
 
 
@@ -198,6 +243,17 @@ def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
                 f"(expected {np.dtype(dtype).name} {_fmt(shape)} for image_size={S}, embed_dim={E}, "
                 f"num_image_tokens={info.num_image_tokens}). Re-run `ram-export`."
             )
+    if info.text_encoder is not None:
+        for tensor, shape, dtype in (
+            (info.text_encoder.inputs[0], (None, None), np.int64),
+            (info.text_encoder.outputs[0], (None, E), np.float32),
+        ):
+            if not _dims_agree(tensor.shape, shape) or tensor.dtype != np.dtype(dtype):
+                raise BundleError(
+                    f"{where}: text encoder tensor {tensor.describe()} should be {np.dtype(dtype).name} "
+                    f"{_fmt(shape)}: its embeddings must be as wide as the image model's (embed_dim={E}). "
+                    "Add the right text encoder with `ram-export --text-encoder ... --overwrite`."
+                )
     if not _dims_agree(embeds_out.shape, embeds_in.shape):
         raise BundleError(
             f"{where}: encoder output {embeds_out.describe()} does not match decoder input "
@@ -205,27 +261,32 @@ def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
         )
 
 
-def check_graph_io(info: BundleInfo, encoder: Backend, decoder: Backend) -> None:
-    """The loaded graphs' actual inputs / outputs against the manifest and against each other."""
-    for role, spec, backend in (("encoder", info.encoder, encoder), ("decoder", info.decoder, decoder)):
-        path = info.path / spec.file
-        for kind, declared, actual in (
-            ("inputs", spec.inputs, backend.input_metadata()),
-            ("outputs", spec.outputs, backend.output_metadata()),
-        ):
-            actual_by_name = {t.name: t for t in actual}
-            if set(actual_by_name) != {t.name for t in declared}:
+def check_backend_io(info: BundleInfo, role: str, spec: GraphSpec, backend: Backend) -> None:
+    """One loaded graph's actual inputs / outputs (names, dtypes, fixed dims) against the manifest."""
+    path = info.path / spec.file
+    for kind, declared, actual in (
+        ("inputs", spec.inputs, backend.input_metadata()),
+        ("outputs", spec.outputs, backend.output_metadata()),
+    ):
+        actual_by_name = {t.name: t for t in actual}
+        if set(actual_by_name) != {t.name for t in declared}:
+            raise BundleError(
+                f"{path}: the graph's {kind} are {sorted(actual_by_name)}, the manifest declares "
+                f"{[t.name for t in declared]}. The manifest belongs to another export; re-run `ram-export`."
+            )
+        for want in declared:
+            got = actual_by_name[want.name]
+            if got.dtype != want.dtype or not _dims_agree(got.shape, want.shape):
                 raise BundleError(
-                    f"{path}: the graph's {kind} are {sorted(actual_by_name)}, the manifest declares "
-                    f"{[t.name for t in declared]}. The manifest belongs to another export; re-run `ram-export`."
+                    f"{path}: {role} {kind[:-1]} is {got.describe()} in the graph but "
+                    f"{want.describe()} in the manifest. Re-run `ram-export`."
                 )
-            for want in declared:
-                got = actual_by_name[want.name]
-                if got.dtype != want.dtype or not _dims_agree(got.shape, want.shape):
-                    raise BundleError(
-                        f"{path}: {role} {kind[:-1]} is {got.describe()} in the graph but "
-                        f"{want.describe()} in the manifest. Re-run `ram-export`."
-                    )
+
+
+def check_graph_io(info: BundleInfo, encoder: Backend, decoder: Backend) -> None:
+    """The loaded image graphs' actual inputs / outputs against the manifest and against each other."""
+    check_backend_io(info, "encoder", info.encoder, encoder)
+    check_backend_io(info, "decoder", info.decoder, decoder)
     produced = {t.name: t for t in encoder.output_metadata()}[info.encoder.outputs[0].name]
     consumed = {t.name: t for t in decoder.input_metadata()}[info.image_embeds_name]
     if not _dims_agree(produced.shape, consumed.shape) or produced.dtype != consumed.dtype:
@@ -233,5 +294,3 @@ def check_graph_io(info: BundleInfo, encoder: Backend, decoder: Backend) -> None
             f"{info.path}: encoder output {produced.describe()} does not fit decoder input "
             f"{consumed.describe()}: the two graphs come from different models. Re-run `ram-export`."
         )
-
-

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence, Set, TextIO
 
 from .pipeline import FileResult, find_images, tag_files
 
-FORMATS = ("text", "json", "jsonl", "csv")
+FORMATS = ("text", "json", "jsonl", "csv", "prompt")
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 CSV_FIELDS = ("path", "tags", "probabilities", "error")
 CSV_SEPARATOR = "|"
@@ -27,6 +27,9 @@ examples:
   ram-tag bundle/ photos/ --format jsonl --out tags.jsonl        # a folder, recursively
   ram-tag bundle/ 'shots/**/*.png' --top-k 10 --threshold 0.5     # a glob (quote it)
   ram-tag bundle/ photos/ --format jsonl --out tags.jsonl --resume  # continue an interrupted run
+  ram-tag bundle/ photos/ --tags "otter,kayak,paddle board"        # open-set tags, built on the fly
+  ram-tag bundle/ photos/ --classify "cat,dog,bird"                 # zero-shot: one label per image
+  ram-tag bundle/ photos/ --format prompt                           # Grounding DINO prompts
 """
 
 EPILOG = """\
@@ -37,6 +40,10 @@ output formats (one record per input, in input order, written as each batch fini
   json   the same objects in one JSON array. Records are streamed too and the closing bracket is
          written at the end, also on Ctrl-C; after a hard crash the file lacks it, and --resume repairs it.
   csv    columns path,tags,probabilities,error; tags and probabilities joined by '|'.
+  prompt PATH<TAB>dog . frisbee . grass .   (a Grounding DINO / Grounded-SAM text prompt)
+
+With --classify the records hold "classes" (most probable first, probabilities summing to 1) instead
+of "tags"; --top-k keeps that many classes (default: all).
 
 A tag is listed when its probability is above the threshold (default: the vocabulary's per-tag
 thresholds, else the bundle's default), most probable first, at most --top-k.
@@ -60,7 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", metavar="INPUTS", nargs="+",
                    help="image files, folders (searched recursively for image extensions) or glob patterns")
     g = p.add_argument_group("tags")
-    g.add_argument("--vocab", metavar="DIR", help="a vocabulary folder to use instead of the bundle's own")
+    vocab = g.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab", metavar="DIR", help="a vocabulary folder to use instead of the bundle's own")
+    vocab.add_argument("--tags", metavar="FILE|LIST",
+                       help='open-set tags built on the fly with the bundle\'s text encoder: a file (one name a '
+                            'line) or "a,b,c" (threshold 0.5 unless --threshold/--thresholds)')
+    vocab.add_argument("--descriptions", metavar="FILE.json",
+                       help='open-set tags from LLM descriptions: [{"tag": ["description", ...]}, ...]')
+    vocab.add_argument("--classify", metavar="FILE|LIST",
+                       help='zero-shot classification over these classes (a file or "cat,dog") instead of tagging')
+    g.add_argument("--thresholds", metavar="FILE", help="with --tags/--descriptions: per-tag thresholds, CSV or JSON")
     g.add_argument("--threshold", type=float, metavar="X",
                    help="one probability threshold in [0, 1] for every tag (default: per-tag thresholds)")
     g.add_argument("--top-k", type=int, metavar="K", help="at most K tags per image")
@@ -98,8 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
 def to_record(item: FileResult) -> Dict[str, object]:
     if item.error is not None:
         return {"path": item.path, "error": item.error}
+    if item.classes is not None:
+        return {"path": item.path, "classes": list(item.classes.labels),
+                "probabilities": [round(p, 4) for p in item.classes.probabilities]}
     return {"path": item.path, "tags": list(item.result.tags),
             "probabilities": [round(p, 4) for p in item.result.probabilities]}
+
+
+def _labels(item: FileResult):
+    """(names, probabilities) of a tagged or classified item."""
+    found = item.classes if item.classes is not None else item.result
+    names = found.labels if item.classes is not None else found.tags
+    return names, found.probabilities
 
 
 class Writer:
@@ -132,15 +158,17 @@ class Writer:
             elif self.fmt == "csv":
                 self._csv.writerow({
                     "path": item.path,
-                    "tags": CSV_SEPARATOR.join(record.get("tags", [])),
+                    "tags": CSV_SEPARATOR.join(record.get("tags", record.get("classes", []))),
                     "probabilities": CSV_SEPARATOR.join(f"{p:.4f}" for p in record.get("probabilities", [])),
                     "error": item.error or "",
                 })
             else:
                 if item.error is not None:
                     body = f"error: {item.error}"
+                elif self.fmt == "prompt":
+                    body = item.result.as_prompt()
                 else:
-                    body = ", ".join(f"{t} ({p:.3f})" for t, p in zip(item.result.tags, item.result.probabilities))
+                    body = ", ".join(f"{t} ({p:.3f})" for t, p in zip(*_labels(item)))
                 self.stream.write(f"{item.path}\t{body}\n")
         self.stream.flush()
 
@@ -163,7 +191,7 @@ def read_done(path: Path, fmt: str):
         for row in csv.DictReader(io.StringIO(complete)):
             if row.get("path"):
                 done.add(row["path"])
-    elif fmt == "text":
+    elif fmt in ("text", "prompt"):
         for line in complete.splitlines():
             if "\t" in line:
                 done.add(line.split("\t", 1)[0])
@@ -206,6 +234,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"--workers must be >= 1, got {args.workers}")
     if args.resume and not args.out:
         return _error("--resume needs --out FILE (the file to continue)")
+    if args.thresholds and not (args.tags or args.descriptions):
+        return _error("--thresholds applies to --tags or --descriptions")
+    if args.classify and args.format == "prompt":
+        return _error("--format prompt lists tags; it cannot be used with --classify")
+    tag_names = classes = None
+    try:
+        from .vocab_cli import split_tags
+
+        if args.tags:
+            tag_names = split_tags(args.tags)
+        if args.classify:
+            classes = split_tags(args.classify, "--classify")
+            if len(classes) < 2:
+                return _error(f"--classify needs at least two classes, got {classes}")
+    except ValueError as e:
+        return _error(str(e))
 
     from PIL import Image
     from tqdm import tqdm
@@ -251,6 +295,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (BundleError, ValueError, ImportError, NotImplementedError) as e:
         return _error(str(e))
     try:
+        if tag_names is not None or args.descriptions:
+            thresholds = args.thresholds or args.threshold
+            if not args.quiet:
+                print("ram-tag: building the vocabulary with the bundle's text encoder", file=sys.stderr)
+            build = Vocabulary.from_names if tag_names is not None else Vocabulary.from_descriptions
+            tagger.set_vocabulary(build(tag_names if tag_names is not None else args.descriptions,
+                                        tagger.text_encoder, thresholds=thresholds, progress=not args.quiet))
+        if classes is not None:
+            tagger.class_embeddings(classes)
+    except (BundleError, ValueError) as e:
+        tagger.close()
+        return _error(str(e))
+    try:
         tagger.vocabulary.display_names(args.lang)
     except ValueError as e:
         tagger.close()
@@ -283,7 +340,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar = tqdm(total=len(paths) + len(failures), unit="img", file=sys.stderr, disable=args.quiet,
                dynamic_ncols=True)
     batches = tag_files(tagger, paths, batch_size=args.batch_size, threshold=args.threshold, top_k=args.top_k,
-                        lang=args.lang, workers=args.workers)
+                        lang=args.lang, workers=args.workers, classify=classes)
     try:
         if failures:
             report(failures, bar)

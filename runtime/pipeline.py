@@ -11,23 +11,27 @@ import glob
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
-from typing import Deque, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Deque, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ram_edge.vocabulary import Vocabulary
+
 from .preprocess import ImageError, is_image_path
-from .tagger import TagResult, Tagger
+from .tagger import ClassResult, TagResult, Tagger
 
 
 @dataclass(frozen=True)
 class FileResult:
-    """One input's outcome: ``result`` when it was tagged, else ``error`` says why not."""
+    """One input's outcome: ``result`` when it was tagged (``classes`` when it was classified), else
+    ``error`` says why not."""
 
     path: str
     result: Optional[TagResult] = None
     error: Optional[str] = None
+    classes: Optional[ClassResult] = None
 
     @property
     def ok(self) -> bool:
@@ -91,15 +95,26 @@ def tag_files(
     lang: str = "en",
     workers: Optional[int] = None,
     prefetch_batches: int = 2,
+    classify: Optional[Union[Sequence[str], Vocabulary]] = None,
 ) -> Iterator[List[FileResult]]:
     """Yield one list of :class:`FileResult` per batch, in input order.
 
     A file that cannot be read or decoded fails alone (its ``error`` says why); the rest of its batch is
-    tagged. Each batch of good images is one encoder and one decoder call.
+    tagged. Each batch of good images is one encoder and one decoder call. With ``classify`` (class
+    names or a Vocabulary) images are classified zero-shot instead (encoder only; ``top_k`` classes).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     names = tagger.vocabulary.display_names(lang)  # fail on a bad lang before any work
+    if classify is not None:
+        tagger.class_embeddings(classify)  # embed the class names once, before any image
+
+    def infer(pixels: np.ndarray) -> List[FileResult]:
+        if classify is not None:
+            return [FileResult("", classes=c) for c in tagger.classify_embeds(tagger.encode(pixels), classify, top_k)]
+        return [FileResult("", result=r) for r in
+                tagger.select(tagger.probabilities(pixels), threshold, top_k, names=names)]
+
     workers = workers or min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ram-tag-decode")
     chunks = _chunks(paths, batch_size)
@@ -130,14 +145,14 @@ def tag_files(
                     outcomes.append(FileResult(path, error=f"{type(e).__name__}: {e}"))
             if arrays:
                 try:
-                    results = tagger.select(tagger.probabilities(np.stack(arrays)), threshold, top_k, names=names)
+                    results = infer(np.stack(arrays))
                 except Exception as e:
                     reason = f"inference failed for this batch: {type(e).__name__}: {e}"
                     for i in good:
                         outcomes[i] = FileResult(batch[i][0], error=reason)
                 else:
                     for i, result in zip(good, results):
-                        outcomes[i] = FileResult(batch[i][0], result=result)
+                        outcomes[i] = replace(result, path=batch[i][0])
             yield outcomes  # type: ignore[misc]
     finally:
         for batch in pending:

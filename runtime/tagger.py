@@ -12,10 +12,14 @@ from PIL import Image
 from ram_edge.bundle_format import BundleError
 from ram_edge.vocabulary import Vocabulary
 
-from .backends import get_backend_class
+from .backends import backend_options as make_backend_options
+from .backends import open_graph
 from .backends.base import Backend
 from .bundle import BundleInfo, check_graph_io, open_bundle
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
+
+#: Class lists whose text embeddings ``Tagger.classify`` keeps, so repeated calls cost no text encoding.
+CLASS_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,30 @@ class TagResult:
 
     def as_dict(self) -> Dict[str, float]:
         return dict(zip(self.tags, self.probabilities))
+
+    def as_prompt(self, lower: bool = True) -> str:
+        """The tags as a Grounding DINO / Grounded-SAM text prompt: ``"dog . frisbee . grass ."``
+        (lower case by default, as Grounding DINO lower-cases its caption anyway); "" without tags."""
+        tags = [t.lower() if lower else t for t in self.tags]
+        return " . ".join(tags) + " ." if tags else ""
+
+
+@dataclass(frozen=True)
+class ClassResult:
+    """Zero-shot single-label classification of one image: every class, most probable first;
+    ``probabilities`` are a softmax over the classes (they sum to 1)."""
+
+    labels: Tuple[str, ...]
+    probabilities: Tuple[float, ...]
+    indices: Tuple[int, ...] = field(default=(), repr=False)
+
+    @property
+    def label(self) -> str:
+        """The most probable class."""
+        return self.labels[0]
+
+    def as_dict(self) -> Dict[str, float]:
+        return dict(zip(self.labels, self.probabilities))
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -100,31 +128,19 @@ class Tagger:
         alpha: str = "drop",
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ):
-        options: Dict[str, Any] = dict(backend_options or {})
-        if backend == "onnxruntime":
-            options.update(providers=providers, intra_op_threads=intra_op_threads)
-        elif providers is not None or intra_op_threads is not None:
-            raise ValueError(f"providers and intra_op_threads are onnxruntime settings; backend {backend!r} takes "
-                             "its settings through backend_options")
+        options = make_backend_options(backend, providers, intra_op_threads, backend_options)
         self.bundle: BundleInfo = open_bundle(bundle_dir, verify_files=verify_files)
         self.preprocessor = Preprocessor(
             self.bundle.image_size, resize=resize, exif_transpose=exif_transpose, alpha=alpha, max_pixels=max_pixels
         )
-        backend_class = get_backend_class(backend)
         self.backend_name = backend
-        self._encoder: Backend = backend_class(self.bundle.encoder_path, **options)
-        self._decoder: Backend = backend_class(self.bundle.decoder_path, **options)
+        self._backend_options = options
+        self._graphs: List[Backend] = []
+        self._text_encoder = None
+        self._class_cache: Dict[Tuple[str, ...], np.ndarray] = {}
         try:
-            for graph in (self._encoder, self._decoder):
-                try:
-                    graph.activate()
-                except (ValueError, ImportError, NotImplementedError):
-                    raise  # a wrong provider / missing package: the message is already specific
-                except Exception as e:  # onnxruntime raises its own exception types for invalid models
-                    raise BundleError(
-                        f"{graph.model_path}: the {backend} backend cannot load this graph ({e}). "
-                        "The file may be damaged, or need a newer onnxruntime (see the manifest's 'versions')."
-                    ) from e
+            self._encoder: Backend = self._open(self.bundle.encoder_path)
+            self._decoder: Backend = self._open(self.bundle.decoder_path)
             check_graph_io(self.bundle, self._encoder, self._decoder)
             if vocabulary is None:
                 try:
@@ -137,10 +153,17 @@ class Tagger:
             self.close()
             raise
 
+    def _open(self, path) -> Backend:
+        graph = open_graph(self.backend_name, path, self._backend_options)
+        self._graphs.append(graph)
+        return graph
+
     # -- life cycle ----------------------------------------------------------------------------------
     def close(self) -> None:
-        self._encoder.deactivate()
-        self._decoder.deactivate()
+        for graph in self._graphs:
+            graph.deactivate()
+        if self._text_encoder is not None:
+            self._text_encoder.close()
 
     def __enter__(self) -> "Tagger":
         return self
@@ -170,23 +193,41 @@ class Tagger:
         """The onnxruntime providers in use (empty for other backends)."""
         return list(getattr(self._encoder, "providers", []))
 
+    @property
+    def has_text_encoder(self) -> bool:
+        return self.bundle.has_text_encoder
+
+    @property
+    def text_encoder(self):
+        """The bundle's CLIP text encoder (:class:`~ram_edge.runtime.TextEncoder`), loaded on first use with
+        this Tagger's backend; a bundle without one raises BundleError saying how to add it."""
+        if self._text_encoder is None:
+            from .text_encoder import TextEncoder
+
+            options = dict(self._backend_options)
+            self._text_encoder = TextEncoder(self.bundle, self.backend_name, backend_options=options)
+        return self._text_encoder
+
     # -- vocabulary ----------------------------------------------------------------------------------
     def set_vocabulary(self, vocabulary: Union[Vocabulary, str, os.PathLike]) -> None:
         """Score a different set of tags from now on; the graphs stay loaded. The embeddings are handed to
         the decoder once here (kept on the device by backends that can), not on every call."""
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary.load(vocabulary)
+        self._check_vocabulary(vocabulary)
+        self._decoder.set_constant_inputs({
+            self.bundle.label_embed_name: vocabulary.embeddings,
+            self.bundle.label_mask_name: vocabulary.mask,
+        })
+        self._vocabulary = vocabulary
+
+    def _check_vocabulary(self, vocabulary: Vocabulary) -> None:
         if vocabulary.embed_dim != self.bundle.embed_dim:
             raise ValueError(
                 f"vocabulary embeddings are {vocabulary.embed_dim} wide but this bundle's model takes "
                 f"embed_dim={self.bundle.embed_dim}; compute the embeddings with the text encoder that matches "
                 "the model (CLIP ViT-B/16 gives 512)"
             )
-        self._decoder.set_constant_inputs({
-            self.bundle.label_embed_name: vocabulary.embeddings,
-            self.bundle.label_mask_name: vocabulary.mask,
-        })
-        self._vocabulary = vocabulary
 
     # -- inference -----------------------------------------------------------------------------------
     def preprocess(self, image: ImageInput, channel_order: str = "rgb") -> np.ndarray:
@@ -205,14 +246,20 @@ class Tagger:
         outputs = self._encoder.infer({self.bundle.pixel_values_name: np.ascontiguousarray(pixel_values)})
         return outputs[self.bundle.encoder.outputs[0].name]
 
-    def decode(self, image_embeds: np.ndarray) -> np.ndarray:
-        """image_embeds (B, 1+N, E) -> logits (B, T) against the current vocabulary; one decoder call."""
+    def decode(self, image_embeds: np.ndarray, vocabulary: Optional[Vocabulary] = None) -> np.ndarray:
+        """image_embeds (B, 1+N, E) -> logits (B, T) against the current vocabulary, or against
+        ``vocabulary`` for this call only (its arrays are fed with the call instead of the resident
+        ones: what a service holding several vocabularies does); one decoder call."""
         image_embeds = np.ascontiguousarray(image_embeds, dtype=np.float32)
         expected = (self.bundle.num_image_tokens, self.bundle.embed_dim)
         if image_embeds.ndim != 3 or image_embeds.shape[1:] != expected:
             raise ValueError(f"image_embeds must be (B, {expected[0]}, {expected[1]}), got {image_embeds.shape}")
-        outputs = self._decoder.infer({self.bundle.image_embeds_name: image_embeds})
-        return outputs[self.bundle.logits_name]
+        feeds = {self.bundle.image_embeds_name: image_embeds}
+        if vocabulary is not None:
+            self._check_vocabulary(vocabulary)
+            feeds[self.bundle.label_embed_name] = vocabulary.embeddings
+            feeds[self.bundle.label_mask_name] = vocabulary.mask
+        return self._decoder.infer(feeds)[self.bundle.logits_name]
 
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) -> (B, T) logits (before the sigmoid)."""
@@ -250,15 +297,18 @@ class Tagger:
         top_k: Optional[int] = None,
         lang: str = "en",
         names: Optional[List[str]] = None,
+        vocabulary: Optional[Vocabulary] = None,
     ) -> List[TagResult]:
-        """(B, T) probabilities -> one TagResult per row (threshold, then top_k, most probable first)."""
+        """(B, T) probabilities -> one TagResult per row (threshold, then top_k, most probable first).
+        ``threshold=None`` uses the vocabulary's own per-tag thresholds (the current one, or ``vocabulary``)."""
+        vocabulary = vocabulary if vocabulary is not None else self._vocabulary
         probabilities = np.asarray(probabilities, dtype=np.float32)
         if names is None:
-            names = self._vocabulary.display_names(lang)
+            names = vocabulary.display_names(lang)
         if probabilities.ndim != 2 or probabilities.shape[1] != len(names):
             raise ValueError(f"probabilities must be (B, {len(names)}), got {probabilities.shape}")
         if threshold is None:
-            thresholds = self._vocabulary.threshold_array(self.default_threshold)
+            thresholds = vocabulary.threshold_array(self.default_threshold)
         else:
             if not 0.0 <= float(threshold) <= 1.0:
                 raise ValueError(f"threshold is a probability in [0, 1], got {threshold}")
@@ -266,3 +316,74 @@ class Tagger:
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         return select_tags(probabilities, thresholds, names, top_k)
+
+    # -- zero-shot classification --------------------------------------------------------------------
+    def class_embeddings(self, classes: Union[Sequence[str], Vocabulary]) -> Tuple[List[str], np.ndarray]:
+        """Class names and their (C, E) unit text embeddings: RAM's prompt-template recipe (63 sentences
+        per class, normalised, averaged, normalised), computed with the bundle's text encoder and cached;
+        a :class:`Vocabulary` gives its own rows (averaged over descriptions and normalised)."""
+        if isinstance(classes, Vocabulary):
+            vocab = classes
+        else:
+            names = tuple(_clean_classes(classes))
+            cached = self._class_cache.get(names)
+            if cached is not None:
+                return list(names), cached
+            vocab = Vocabulary.from_names(list(names), self.text_encoder, kind="ram")
+        self._check_vocabulary(vocab)
+        mask = vocab.mask[:, :, None]
+        mean = (vocab.embeddings * mask).sum(axis=1) / mask.sum(axis=1)
+        embeds = (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+        if not isinstance(classes, Vocabulary):
+            if len(self._class_cache) >= CLASS_CACHE_SIZE:
+                self._class_cache.pop(next(iter(self._class_cache)))
+            self._class_cache[names] = embeds
+        return vocab.names, embeds
+
+    def classify_embeds(self, image_embeds: np.ndarray, classes: Union[Sequence[str], Vocabulary],
+                        top_k: Optional[int] = None) -> List[ClassResult]:
+        """Classify from encoder outputs: CLIP's zero-shot rule on the global token ``image_embeds[:, 0]``
+        (which RAM and RAM++ align with CLIP's text space): softmax(logit_scale * cos(image, class))."""
+        names, class_embeds = self.class_embeddings(classes)
+        if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
+            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        image = np.asarray(image_embeds, dtype=np.float32)[:, 0, :]
+        image = image / np.linalg.norm(image, axis=-1, keepdims=True)
+        logits = np.float32(self.bundle.logit_scale) * (image @ class_embeds.T)
+        logits -= logits.max(axis=-1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        results = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[: top_k or len(names)]
+            results.append(ClassResult(tuple(names[i] for i in order), tuple(float(row[i]) for i in order),
+                                       tuple(int(i) for i in order)))
+        return results
+
+    def classify(
+        self,
+        images: Union[ImageInput, Sequence[ImageInput]],
+        classes: Union[Sequence[str], Vocabulary],
+        top_k: Optional[int] = None,
+        channel_order: str = "rgb",
+    ) -> Union[ClassResult, List[ClassResult]]:
+        """Zero-shot single-label classification of one image (a ClassResult) or a list (one batch),
+        without the decoder: probabilities over ``classes`` sum to 1. Needs the bundle's text encoder
+        for class names (a Vocabulary of precomputed embeddings does not)."""
+        single = _is_single_image(images)
+        items = [images] if single else list(images)
+        if not items:
+            return []
+        self.class_embeddings(classes)  # fail on bad classes before decoding images
+        pixel_values = np.stack([self.preprocess(image, channel_order) for image in items])
+        results = self.classify_embeds(self.encode(pixel_values), classes, top_k)
+        return results[0] if single else results
+
+
+def _clean_classes(classes: Sequence[str]) -> List[str]:
+    from ram_edge.vocabulary import clean_tag_names
+
+    names = clean_tag_names(classes)
+    if len(names) < 2:
+        raise ValueError(f"classification needs at least two classes, got {names}")
+    return names

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Dict, Optional, Sequence, Tuple, Type
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+
+from ram_edge.bundle_format import BundleError
 
 from .base import Backend, TensorInfo
 
@@ -73,6 +76,40 @@ def register_backend(
     _REGISTRY[name] = (module, class_name, install_hint, tuple(requires))
 
 
+def backend_options(
+    backend: str,
+    providers: Optional[Sequence[Any]] = None,
+    intra_op_threads: Optional[int] = None,
+    extra: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Keyword arguments for ``backend``'s constructor: ``extra`` plus the onnxruntime-only settings
+    (``providers``, ``intra_op_threads``), which other backends refuse."""
+    options: Dict[str, Any] = dict(extra or {})
+    if backend == "onnxruntime":
+        options.update(providers=providers, intra_op_threads=intra_op_threads)
+    elif providers is not None or intra_op_threads is not None:
+        raise ValueError(f"providers and intra_op_threads are onnxruntime settings; backend {backend!r} takes "
+                         "its settings through backend_options")
+    return options
+
+
+def open_graph(backend: str, path: Union[str, Path], options: Mapping[str, Any]) -> Backend:
+    """Construct and activate ``backend`` on the graph at ``path``. A graph the backend cannot load is a
+    :class:`BundleError` naming the file; a wrong provider or a missing package keeps its own message."""
+    graph = get_backend_class(backend)(path, **options)
+    try:
+        graph.activate()
+    except (ValueError, ImportError, NotImplementedError):
+        raise  # a wrong provider / missing package: the message is already specific
+    except Exception as e:  # onnxruntime raises its own exception types for invalid models
+        raise BundleError(
+            f"{graph.model_path}: the {backend} backend cannot load this graph ({e}). "
+            "The file may be damaged, or need a newer onnxruntime (see the manifest's 'versions')."
+        ) from e
+    return graph
+
+
 __all__ = [
-    "Backend", "TensorInfo", "available_backends", "get_backend_class", "register_backend", "registered_backends",
+    "Backend", "TensorInfo", "available_backends", "backend_options", "get_backend_class", "open_graph",
+    "register_backend", "registered_backends",
 ]
