@@ -162,7 +162,9 @@ def test_swin_config_stage_windows():
 
 
 def test_ram_and_decoder_config_validation():
-    with pytest.raises(ValueError, match=r"kind must be one of \('ram_plus', 'ram'\), got 'tag2text'"):
+    with pytest.raises(ValueError, match=r"kind must be one of \('ram_plus', 'ram', 'tag2text'\), got 'blip'"):
+        RAMConfig(kind="blip")
+    with pytest.raises(ValueError, match=r"Tag2Text feeds its label embeddings to the tagging head as is, so embed_dim 512"):
         RAMConfig(kind="tag2text")
     with pytest.raises(ValueError, match=r"RAM has one embedding per tag"):
         RAMConfig(kind="ram", descriptions_per_tag=51)
