@@ -205,7 +205,7 @@ def infer_captioning(state_dict: StateDict, *, heads: int = CAPTION_HEADS, sourc
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
-        hint = " (pass the captioning heads: --caption-heads / caption_heads)" if "heads" in str(e) else ""
+        hint = "; pass caption_heads" if "heads" in str(e) else ""
         raise CheckpointError(f"{source}: {e}{hint}") from e
 
 
@@ -429,8 +429,8 @@ def load_checkpoint(
     redundant = check_tied_tensors(model, state_dict, source)
     if redundant:
         notes.append(
-            f"{redundant} tensors are stored twice because upstream ties them (tagging head = tag encoder's first "
-            "layers, LM head = word embeddings, LM bias): checked equal, loaded once"
+            f"{redundant} tensors are stored under a second name because the architecture ties them (the tagging "
+            "head is the tag encoder's first layers, the LM head's bias is its projection's): checked equal, loaded once"
         )
     model.load_state_dict(state_dict, strict=True)
     for note in notes:
