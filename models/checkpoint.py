@@ -1,8 +1,10 @@
-"""Loading official RAM / RAM++ checkpoints (and bare state dicts, and safetensors) into ``RAMTagger``.
+"""Loading official RAM / RAM++ / Tag2Text checkpoints (and bare state dicts, and safetensors) into ``RAMTagger``.
 
 The one place where the upstream layout is mapped to ours (cf. timm's ``checkpoint_filter_fn``):
-buffers dropped, ``vision_multi`` renamed, the captioning branch ignored, the architecture inferred from
-tensor shapes. A pickle never runs code: ``torch.load(weights_only=True)``.
+buffers dropped, ``vision_multi`` and Tag2Text's ``label_embed.weight`` renamed, the captioning branch
+kept (Tag2Text, or when asked) or ignored, tensors stored twice because upstream ties them checked
+equal, the architecture inferred from tensor shapes. A pickle never runs code:
+``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from ram_edge.tags import OFFICIAL_NUM_TAGS, TagSet, read_tag_file
 
-from .config import PRESETS, DecoderConfig, RAMConfig, SwinConfig
+from .config import PRESETS, CaptionConfig, DecoderConfig, RAMConfig, SwinConfig, TextConfig
 from .tagging import RAMTagger
 
 log = logging.getLogger(__name__)
@@ -30,9 +32,13 @@ PathLike = Union[str, os.PathLike]
 StateDict = Dict[str, torch.Tensor]
 
 #: Recomputed from the configuration, never loaded.
-BUFFER_SUFFIXES = (".relative_position_index", ".attn_mask")
-#: RAM's captioning branch: not part of tagging.
-IGNORED_PREFIXES = ("tag_encoder.", "text_decoder.")
+BUFFER_SUFFIXES = (".relative_position_index", ".attn_mask", ".embeddings.position_ids")
+#: The captioning branch (RAM and Tag2Text): not part of tagging.
+CAPTIONING_PREFIXES = ("tag_encoder.", "text_decoder.")
+#: Tag2Text's label table is an ``nn.Embedding`` upstream; ours is the same (T, E) parameter RAM has.
+LABEL_EMBED_RENAMES = {"label_embed.weight": "label_embed"}
+#: Default heads of the captioning branch's BERTs (upstream's med_config.json); not in the weights.
+CAPTION_HEADS = 12
 #: Image size implied by the official window sizes, where the caller gives none.
 DEFAULT_IMAGE_SIZE = {12: 384, 7: 224}
 
@@ -214,37 +220,111 @@ def read_torchscript_tensors(path: PathLike) -> StateDict:
     return tensors
 
 
-def clean_state_dict(state_dict: StateDict) -> Tuple[StateDict, List[str]]:
-    """Map the upstream layout to ours. Returns the tagging-path tensors and one-line notes of what was done."""
+def _strip_module_prefix(key: str) -> str:
+    return key[len("module.") :] if key.startswith("module.") else key  # saved from DistributedDataParallel
+
+
+def detect_kind(keys) -> str:
+    """``"ram_plus"`` (has ``reweight_scale``), ``"tag2text"`` (a group-wise classifier ``fc.W``) or ``"ram"``."""
+    keys = {_strip_module_prefix(k) for k in keys}
+    if "reweight_scale" in keys:
+        return "ram_plus"
+    if "fc.W" in keys:
+        return "tag2text"
+    return "ram"
+
+
+def has_captioning_branch(keys) -> bool:
+    return any(_strip_module_prefix(k).startswith(CAPTIONING_PREFIXES) for k in keys)
+
+
+def clean_state_dict(state_dict: StateDict, *, captioning: bool = False) -> Tuple[StateDict, List[str]]:
+    """Map the upstream layout to ours. Returns the tensors to load and one-line notes of what was done.
+
+    ``captioning`` keeps ``tag_encoder.*`` / ``text_decoder.*``; otherwise they are ignored.
+    """
     cleaned: StateDict = {}
-    dropped_buffers, ignored, renamed = 0, 0, 0
+    dropped_buffers, ignored, renamed, renamed_labels = 0, 0, 0, 0
     for key, value in state_dict.items():
-        if key.startswith("module."):  # saved from DistributedDataParallel
-            key = key[len("module.") :]
+        key = _strip_module_prefix(key)
+        if key.startswith(CAPTIONING_PREFIXES) and not captioning:
+            ignored += 1
+            continue
         if key.endswith(BUFFER_SUFFIXES):
             dropped_buffers += 1
-            continue
-        if key.startswith(IGNORED_PREFIXES):
-            ignored += 1
             continue
         if "vision_multi" in key:
             key = key.replace("vision_multi", "tagging_head")
             renamed += 1
+        if key in LABEL_EMBED_RENAMES:
+            key = LABEL_EMBED_RENAMES[key]
+            renamed_labels += 1
         cleaned[key] = value
     notes = []
     if ignored:
         notes.append(f"ignored {ignored} tensors of the captioning branch (tag_encoder.*, text_decoder.*): tagging does not use them")
     if renamed:
         notes.append(f"renamed {renamed} vision_multi.* keys to tagging_head.* (older release)")
+    if renamed_labels:
+        notes.append("renamed label_embed.weight (Tag2Text's label table) to label_embed")
     if dropped_buffers:
-        notes.append(f"dropped {dropped_buffers} relative_position_index / attn_mask buffers (recomputed)")
+        notes.append(f"dropped {dropped_buffers} relative_position_index / attn_mask / position_ids buffers (recomputed)")
     return cleaned, notes
 
 
 def _require(state_dict: StateDict, key: str, source: str) -> torch.Tensor:
     if key not in state_dict:
-        raise CheckpointError(f"{source}: missing key {key!r}; this is not a RAM / RAM++ tagging checkpoint")
+        raise CheckpointError(f"{source}: missing key {key!r}; this is not a RAM / RAM++ / Tag2Text checkpoint")
     return state_dict[key]
+
+
+def _layer_indices(state_dict: StateDict, prefix: str) -> List[int]:
+    layer_re = re.compile(re.escape(prefix) + r"encoder\.layer\.(\d+)\.intermediate\.dense\.weight$")
+    return sorted(int(m.group(1)) for m in map(layer_re.match, state_dict) if m)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two stored tensors hold the same values: one storage (``torch.load`` keeps upstream's
+    sharing), or equal. Meta tensors (shapes only) count as the same: nothing says they differ."""
+    if a.shape != b.shape:
+        return False
+    if a.is_meta or b.is_meta or (a.device == b.device and a.data_ptr() == b.data_ptr() and a.stride() == b.stride()):
+        return True
+    return torch.equal(a, b)
+
+
+def _text_config(state_dict: StateDict, prefix: str, heads: int, source: str) -> TextConfig:
+    word = _require(state_dict, f"{prefix}embeddings.word_embeddings.weight", source)
+    positions = _require(state_dict, f"{prefix}embeddings.position_embeddings.weight", source)
+    layers = _layer_indices(state_dict, prefix)
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"{source}: cannot find the layers {prefix}encoder.layer.<i> of the captioning branch")
+    cross = _require(state_dict, f"{prefix}encoder.layer.0.crossattention.self.key.weight", source)
+    intermediate = state_dict[f"{prefix}encoder.layer.0.intermediate.dense.weight"]
+    return TextConfig(
+        hidden_size=word.shape[1],
+        num_heads=heads,
+        intermediate_size=intermediate.shape[0],
+        num_layers=len(layers),
+        vocab_size=word.shape[0],
+        max_positions=positions.shape[0],
+        encoder_width=cross.shape[1],
+    )
+
+
+def infer_captioning(state_dict: StateDict, *, heads: int = CAPTION_HEADS, source: str = "checkpoint") -> CaptionConfig:
+    """The captioning branch's sizes from ``tag_encoder.*`` / ``text_decoder.*``; ``heads`` is not in the weights."""
+    try:
+        tag_encoder = _text_config(state_dict, "tag_encoder.", heads, source)
+        text_decoder = _text_config(state_dict, "text_decoder.bert.", heads, source)
+        lm_weight = _require(state_dict, "text_decoder.cls.predictions.decoder.weight", source)
+        tied = _same_values(lm_weight, state_dict["text_decoder.bert.embeddings.word_embeddings.weight"])
+        return CaptionConfig(tag_encoder=tag_encoder, text_decoder=text_decoder, tie_word_embeddings=tied)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        hint = "; pass caption_heads" if "heads" in str(e) else ""
+        raise CheckpointError(f"{source}: {e}{hint}") from e
 
 
 def infer_config(
@@ -253,10 +333,16 @@ def infer_config(
     image_size: Optional[int] = None,
     decoder_heads: int = 4,
     num_tags: Optional[int] = None,
+    captioning: Optional[bool] = None,
+    caption_heads: int = CAPTION_HEADS,
     source: str = "checkpoint",
 ) -> RAMConfig:
-    """The architecture, from tensor shapes; what shapes cannot tell comes from the arguments."""
-    kind = "ram_plus" if "reweight_scale" in state_dict else "ram"
+    """The architecture, from tensor shapes; what shapes cannot tell comes from the arguments.
+
+    ``captioning``: ``True`` describes the captioning branch too (an error if the weights have none),
+    ``False`` never; ``None`` does for Tag2Text when the weights have it, not for RAM (tagging only).
+    """
+    kind = detect_kind(state_dict)
     patch = _require(state_dict, "visual_encoder.patch_embed.proj.weight", source)
     embed_dim, in_chans, patch_size = patch.shape[0], patch.shape[1], patch.shape[2]
 
@@ -278,11 +364,16 @@ def infer_config(
     if image_size is None:
         image_size = DEFAULT_IMAGE_SIZE.get(window, 384)
 
-    label_rows, embed_out = _require(state_dict, "label_embed", source).shape
-    if kind == "ram":
+    # Tag2Text's own layout names the table label_embed.weight (clean_state_dict renames it).
+    label_key = "label_embed.weight" if "label_embed" not in state_dict and "label_embed.weight" in state_dict else "label_embed"
+    label_rows, embed_out = _require(state_dict, label_key, source).shape
+    if kind in ("ram", "tag2text"):
         tags_in_weights = label_rows
         if num_tags is not None and num_tags != label_rows:
-            raise CheckpointError(f"{source}: RAM checkpoint has {label_rows} tag embeddings but {num_tags} tags were given")
+            raise CheckpointError(
+                f"{source}: {'RAM' if kind == 'ram' else 'Tag2Text'} checkpoint has {label_rows} tag embeddings "
+                f"but {num_tags} tags were given"
+            )
     else:
         if num_tags is None:
             if label_rows % OFFICIAL_NUM_TAGS:
@@ -295,12 +386,27 @@ def infer_config(
             raise CheckpointError(f"{source}: label_embed has {label_rows} rows, not divisible by {num_tags} tags")
         tags_in_weights = num_tags
 
-    wordvec = _require(state_dict, "wordvec_proj.weight", source)
-    layer_re = re.compile(r"tagging_head\.encoder\.layer\.(\d+)\.intermediate\.dense\.weight$")
-    layers = sorted(int(m.group(1)) for m in map(layer_re.match, state_dict) if m)
+    if kind == "tag2text":
+        classifier = _require(state_dict, "fc.W", source)  # (1, T, H)
+        hidden = classifier.shape[2]
+        if classifier.shape[1] != label_rows:
+            raise CheckpointError(f"{source}: fc.W scores {classifier.shape[1]} tags but label_embed has {label_rows}")
+    else:
+        hidden = _require(state_dict, "wordvec_proj.weight", source).shape[0]
+    layers = _layer_indices(state_dict, "tagging_head.")
     if not layers:
         raise CheckpointError(f"{source}: no tagging_head.encoder.layer.<i> tensors; not a RAM tagging checkpoint")
     intermediate = state_dict[f"tagging_head.encoder.layer.{layers[0]}.intermediate.dense.weight"].shape[0]
+
+    if captioning is None:
+        captioning = kind == "tag2text" and has_captioning_branch(state_dict)
+    caption_config = None
+    if captioning:
+        if kind == "ram_plus":
+            raise CheckpointError(f"{source}: RAM++ has no captioning branch")
+        if not has_captioning_branch(state_dict):
+            raise CheckpointError(f"{source}: no captioning branch (tag_encoder.*, text_decoder.*) in these weights")
+        caption_config = infer_captioning(state_dict, heads=caption_heads, source=source)
 
     try:
         return RAMConfig(
@@ -314,21 +420,25 @@ def infer_config(
                 num_heads=tuple(heads),
                 window_size=window,
             ),
-            decoder=DecoderConfig(
-                hidden_size=wordvec.shape[0], num_heads=decoder_heads, intermediate_size=intermediate, num_layers=len(layers)
-            ),
+            decoder=DecoderConfig(hidden_size=hidden, num_heads=decoder_heads, intermediate_size=intermediate, num_layers=len(layers)),
             embed_dim=embed_out,
             num_tags=tags_in_weights,
             descriptions_per_tag=label_rows // tags_in_weights,
+            captioning=caption_config,
         )
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from e
 
 
+def _architecture(config: RAMConfig) -> RAMConfig:
+    """What a preset name stands for: the tagging architecture (the captioning branch is loaded or not)."""
+    return replace(config, variant="custom", captioning=None)
+
+
 def match_preset(config: RAMConfig) -> str:
-    """Name of the preset with this exact architecture, else ``"custom"``."""
+    """Name of the preset with this exact tagging architecture, else ``"custom"``."""
     for name, candidate in PRESETS.items():
-        if replace(candidate, variant=config.variant) == config:
+        if _architecture(candidate) == _architecture(config):
             return name
     return "custom"
 
@@ -354,6 +464,34 @@ def check_state_dict(model: torch.nn.Module, state_dict: StateDict, source: str)
         raise CheckpointError(f"{source}: does not match the {model.config.kind} architecture: " + " | ".join(problems))
 
 
+def tied_key_groups(model: torch.nn.Module) -> List[List[str]]:
+    """State-dict keys that name one parameter of ``model`` (two or more names each)."""
+    groups: Dict[int, List[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(key)
+    return [keys for keys in groups.values() if len(keys) > 1]
+
+
+def check_tied_tensors(model: torch.nn.Module, state_dict: StateDict, source: str) -> int:
+    """Refuse a checkpoint whose copies of one tied parameter differ; returns how many copies are redundant.
+
+    Upstream ties the tagging head to the tag encoder's first layers and the LM head's bias to its
+    projection's, so every checkpoint it saves holds equal copies; different copies mean the file was
+    not saved from that model, and loading would silently pick one.
+    """
+    redundant = 0
+    for keys in tied_key_groups(model):
+        first = state_dict[keys[0]]
+        differing = [k for k in keys[1:] if not _same_values(first, state_dict[k])]
+        if differing:
+            raise CheckpointError(
+                f"{source}: {keys[0]} and {differing[0]} are one tensor in the architecture (upstream ties them) "
+                "but differ in this checkpoint; it was not saved from upstream's model"
+            )
+        redundant += len(keys) - 1
+    return redundant
+
+
 def as_tag_set(tags: Union[TagSet, Sequence[str], PathLike]) -> TagSet:
     """A TagSet from a TagSet, a list of names or a tag file (one name a line)."""
     if isinstance(tags, TagSet):
@@ -370,27 +508,48 @@ def load_checkpoint(
     decoder_heads: int = 4,
     tags: Union[None, TagSet, Sequence[str], PathLike] = None,
     variant: Optional[str] = None,
+    captioning: Optional[bool] = None,
+    caption_heads: int = CAPTION_HEADS,
 ) -> RAMTagger:
     """Build the model a checkpoint describes and load it, in eval mode.
 
     ``image_size`` defaults to 384 for window 12 and 224 for window 7 (the official pairs); ``tags`` is a
-    TagSet, a list of names or a tag file (default: the official vocabulary when the checkpoint has 4,585
-    tags). ``variant`` names a preset the checkpoint must match (a check, not a source of shapes).
+    TagSet, a list of names or a tag file (default: the shipped vocabulary when the checkpoint has 4,585
+    or 3,429 tags). ``variant`` names a preset the checkpoint must match (a check, not a source of shapes).
+    ``captioning`` loads the captioning branch (``tag_encoder.*``, ``text_decoder.*``): by default for
+    Tag2Text, not for RAM; ``caption_heads`` is its BERTs' head count (not in the weights; official 12).
     """
     source = str(path)
-    state_dict, notes = clean_state_dict(read_state_dict(path))
+    raw = read_state_dict(path)
+    if captioning is None:
+        captioning = detect_kind(raw) == "tag2text" and has_captioning_branch(raw)
+    state_dict, notes = clean_state_dict(raw, captioning=captioning)
     tag_set = None if tags is None else as_tag_set(tags)
     num_tags = None if tag_set is None else len(tag_set)
-    config = infer_config(state_dict, image_size=image_size, decoder_heads=decoder_heads, num_tags=num_tags, source=source)
+    config = infer_config(
+        state_dict,
+        image_size=image_size,
+        decoder_heads=decoder_heads,
+        num_tags=num_tags,
+        captioning=captioning,
+        caption_heads=caption_heads,
+        source=source,
+    )
     if variant is not None:
         wanted = PRESETS.get(variant)
         if wanted is None:
             raise CheckpointError(f"unknown variant {variant!r}; known: {', '.join(sorted(PRESETS))}")
-        if replace(wanted, variant="custom", num_tags=config.num_tags, descriptions_per_tag=config.descriptions_per_tag) != config:
+        if replace(_architecture(wanted), num_tags=config.num_tags, descriptions_per_tag=config.descriptions_per_tag) != _architecture(config):
             raise CheckpointError(f"{source}: the weights are not a {variant} model (inferred {config})")
     config = replace(config, variant=variant or match_preset(config))
     model = RAMTagger(config, tag_set)
     check_state_dict(model, state_dict, source)
+    redundant = check_tied_tensors(model, state_dict, source)
+    if redundant:
+        notes.append(
+            f"{redundant} tensors are stored under a second name because the architecture ties them (the tagging "
+            "head is the tag encoder's first layers, the LM head's bias is its projection's): checked equal, loaded once"
+        )
     model.load_state_dict(state_dict, strict=True)
     for note in notes:
         log.info("%s: %s", Path(source).name, note)

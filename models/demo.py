@@ -1,7 +1,8 @@
 """Seeded random ("demo") weights for any configuration, so the whole pipeline runs without a checkpoint.
 
 Same seed, same configuration, same torch version: the same weights. Label embeddings are unit-norm rows,
-like the CLIP text embeddings of the real vocabularies.
+like the CLIP text embeddings of the real vocabularies. Parameters the architecture ties (Tag2Text's
+tagging head and tag encoder, the LM head and its word embeddings) are drawn once.
 """
 
 from __future__ import annotations
@@ -58,10 +59,11 @@ def demo_model(config: Union[str, RAMConfig], seed: int = 0, tags: Optional[TagS
             # Queries of unit scale, so tags differ from each other as much as the image tokens do
             # (at 0.02 every tag would see the same image summary and score alike).
             param.copy_(normal(param.shape, 1.0 / math.sqrt(param.shape[1])))
-        elif name == "fc.weight":
+        elif name in ("fc.weight", "fc.W"):
             # The decoder output is LayerNorm-ed; this spreads logits over tags to a std of 1-2 (measured
             # on the tiny and Swin-L presets), so demo probabilities cover (0, 1) rather than sit at 0.5.
-            param.copy_(normal(param.shape, 2.4 / math.sqrt(param.shape[1])))
+            # (RAM's shared row is (1, H), Tag2Text's per-tag rows (1, T, H).)
+            param.copy_(normal(param.shape, 2.4 / math.sqrt(param.shape[-1])))
         else:
             param.copy_(normal(param.shape, WEIGHT_STD))
     for module in model.modules():

@@ -15,6 +15,13 @@ TAG2TEXT_NUM_TAGS = 3429
 #: Upstream's decision thresholds where a vocabulary carries none of its own.
 DEFAULT_THRESHOLD = 0.68
 OPEN_SET_THRESHOLD = 0.5
+#: Tag2Text's own thresholds where they differ from 0.68 (upstream's ``Tag2Text.class_threshold``):
+#: 2701 "person", 2828 "man", 1167 "woman".
+TAG2TEXT_THRESHOLD_OVERRIDES = {2701: 0.7, 2828: 0.7, 1167: 0.7}
+#: Tags upstream's ``Tag2Text.generate`` removes from what it returns and from the caption's tag prompt
+#: ("they may disturb captioning"): 127 "quarter", 2961 "back", 3351 "two", 3265 "three", 3338 "four",
+#: 3355 "five", 3359 "one". A property of the 3,429-tag list, not of the tagging head.
+TAG2TEXT_DELETE_TAG_INDEX = (127, 2961, 3351, 3265, 3338, 3355, 3359)
 
 
 def _read_lines(name: str) -> List[str]:
@@ -50,7 +57,10 @@ def official_tags() -> TagSet:
 
 
 def tag2text_tags() -> TagSet:
-    return TagSet(_read_lines("tag2text_ori_tag_list.txt"), source="tag2text")
+    """Tag2Text's 3,429 tags with its per-class thresholds (0.68; 0.7 for "person", "man", "woman")."""
+    names = _read_lines("tag2text_ori_tag_list.txt")
+    thresholds = [TAG2TEXT_THRESHOLD_OVERRIDES.get(i, DEFAULT_THRESHOLD) for i in range(len(names))]
+    return TagSet(names, thresholds=thresholds, source="tag2text")
 
 
 def generic_tags(num_tags: int) -> TagSet:

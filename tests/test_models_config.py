@@ -5,6 +5,7 @@ ever allocated), ``infer_config`` from shapes alone, load-time cleaning, and the
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -12,21 +13,25 @@ import torch
 
 from ram_edge.models import (
     PRESETS,
+    CaptionConfig,
+    CheckpointError,
     DecoderConfig,
     RAMConfig,
     RAMTagger,
     SwinConfig,
+    TextConfig,
     clean_state_dict,
     infer_config,
+    official_captioning,
     preset,
 )
-from ram_edge.models.checkpoint import match_preset
-from ram_edge.tags import OFFICIAL_NUM_TAGS
+from ram_edge.models.checkpoint import BUFFER_SUFFIXES, match_preset
+from ram_edge.tags import OFFICIAL_NUM_TAGS, TAG2TEXT_NUM_TAGS
 
 try:
-    from _shared import SKIP_REASON, reference_dir
+    from _shared import SKIP_REASON, golden_paths, needs_shared, reference_dir
 except ImportError:  # tests/ imported as a package
-    from tests._shared import SKIP_REASON, reference_dir
+    from tests._shared import SKIP_REASON, golden_paths, needs_shared, reference_dir
 
 KEY_FILES = sorted((reference_dir() / "state_dict_keys").glob("*.keys.json"))
 DROPPED_SUFFIXES = (".relative_position_index", ".attn_mask")
@@ -111,6 +116,77 @@ def test_infer_config_from_meta_shapes(path):
         assert match_preset(config) == name
 
 
+@pytest.mark.parametrize("path", key_file_params())
+def test_ram_with_captioning_on_meta_has_every_official_key(path):
+    """RAM's captioning branch (official_captioning over the 512-wide image_proj output) has exactly the
+    official tag_encoder.* / text_decoder.* keys and shapes; infer_config finds the same sizes."""
+    name = path.name[: -len(".keys.json")]
+    keys = load_keys(path)
+    fake = {k: torch.empty(shape, device="meta") for k, shape in keys.items()}
+    if PRESETS[name].kind == "ram_plus":
+        assert not any(k.startswith(DROPPED_PREFIXES) for k in keys)
+        with pytest.raises(CheckpointError, match=r"RAM\+\+ has no captioning branch"):
+            infer_config(fake, captioning=True)
+        return
+    want = replace(PRESETS[name], captioning=official_captioning(512))
+    with torch.device("meta"):
+        model = RAMTagger(want)
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    expected = {k: s for k, s in keys.items() if not k.endswith(BUFFER_SUFFIXES)}
+    assert ours == expected
+    assert ours["tag_encoder.encoder.layer.11.crossattention.self.key.weight"] == (768, 512)
+    assert ours["text_decoder.bert.encoder.layer.11.crossattention.self.key.weight"] == (768, 768)
+    cleaned, _ = clean_state_dict(fake, captioning=True)
+    assert set(cleaned) == set(expected)
+    config = infer_config(cleaned, captioning=True)
+    assert replace(config, variant=name) == want and match_preset(config) == name
+    assert config.captioning.tie_word_embeddings  # meta tensors carry no values: the architecture's default
+
+
+def _key_pattern(key: str) -> str:
+    return re.sub(r"\.\d+\.", ".N.", key)
+
+
+@needs_shared
+def test_tag2text_preset_on_meta_has_the_official_layout():
+    """No key list of tag2text_swin_14m.pth is at hand: the full-size preset must have the golden's keys
+    (the official layout, built by upstream's class) up to layer counts, with the official widths."""
+    golden = torch.load(golden_paths("tag2text_tiny_384")[0], map_location="meta", weights_only=True)["model"]
+    expected = {_key_pattern(k) for k in golden if not k.endswith(BUFFER_SUFFIXES)}
+    with torch.device("meta"):
+        model = RAMTagger(PRESETS["tag2text_swin_b_384"])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert {_key_pattern(k).replace("label_embed", "label_embed.weight") for k in ours} == expected
+    assert ours["label_embed"] == (TAG2TEXT_NUM_TAGS, 768)
+    assert ours["fc.W"] == (1, TAG2TEXT_NUM_TAGS, 768) and ours["fc.b"] == (1, TAG2TEXT_NUM_TAGS)
+    assert ours["tagging_head.encoder.layer.1.crossattention.self.key.weight"] == (768, 1024)
+    assert ours["tag_encoder.encoder.layer.11.crossattention.self.key.weight"] == (768, 1024)
+    assert ours["text_decoder.bert.encoder.layer.11.crossattention.self.key.weight"] == (768, 768)
+    assert ours["text_decoder.cls.predictions.decoder.weight"] == (30524, 768)
+    assert "image_proj.weight" not in ours and "wordvec_proj.weight" not in ours
+    config = model.config
+    assert config.image_embed_dim == 1024 and config.swin.num_tokens == 145
+    assert config.captioning.tag_encoder.num_heads == config.captioning.text_decoder.num_heads == 12
+
+
+def test_caption_config_validation():
+    with pytest.raises(ValueError, match=r"reads 768-wide states but the tag encoder emits 64-wide"):
+        CaptionConfig(tag_encoder=TextConfig(hidden_size=64, num_heads=4))
+    with pytest.raises(ValueError, match=r"hidden 32 not divisible by 12 heads"):
+        TextConfig(hidden_size=32)
+    with pytest.raises(ValueError, match=r"must start with \[DEC\]"):
+        CaptionConfig(prompt_ids=(101, 1037))
+    with pytest.raises(ValueError, match=r"len\(prompt_ids\) 4 < min_length 3"):
+        CaptionConfig(min_length=3)
+    tag2text = PRESETS["tag2text_tiny_384"]
+    with pytest.raises(ValueError, match=r"RAM\+\+ has no captioning branch"):
+        replace(PRESETS["ram_plus_tiny_384"], captioning=tag2text.captioning)
+    with pytest.raises(ValueError, match=r"tag encoder's cross-attention reads 128-wide states, the image embeddings are 512"):
+        replace(PRESETS["ram_tiny_224"], captioning=tag2text.captioning)
+    with pytest.raises(ValueError, match=r"must match the tag encoder's first layers"):
+        replace(PRESETS["ram_tiny_224"], captioning=official_captioning(512))  # head 64 wide, encoder 768
+
+
 def test_official_variant_widths():
     assert preset("ram_plus_swin_l_384").swin.num_features == 1536
     assert preset("ram_swin_b_384").swin.num_features == 1024
@@ -162,7 +238,9 @@ def test_swin_config_stage_windows():
 
 
 def test_ram_and_decoder_config_validation():
-    with pytest.raises(ValueError, match=r"kind must be one of \('ram_plus', 'ram'\), got 'tag2text'"):
+    with pytest.raises(ValueError, match=r"kind must be one of \('ram_plus', 'ram', 'tag2text'\), got 'blip'"):
+        RAMConfig(kind="blip")
+    with pytest.raises(ValueError, match=r"Tag2Text feeds its label embeddings to the tagging head as is, so embed_dim 512"):
         RAMConfig(kind="tag2text")
     with pytest.raises(ValueError, match=r"RAM has one embedding per tag"):
         RAMConfig(kind="ram", descriptions_per_tag=51)
