@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -12,10 +13,12 @@ from PIL import Image
 from ram_edge.bundle_format import BundleError
 from ram_edge.vocabulary import Vocabulary
 
-from .backends import get_backend_class
+from .backends import AUTO, get_backend_class, resolve_backend
 from .backends.base import Backend
 from .bundle import BundleInfo, check_graph_io, open_bundle
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class Tagger:
     """Tags images with a bundle written by ``ram-export``.
 
     bundle_dir:       the bundle folder.
-    backend:          "onnxruntime" (CPU or CUDA) or "tensorrt" (NVIDIA GPUs, Jetson; see docs/runtime.md).
+    backend:          "onnxruntime" (CPU or CUDA), "tensorrt" (NVIDIA GPUs, Jetson), "openvino" (x86 CPUs), or
+                      "auto": the best of those this machine has (``resolve_backend``; see docs/runtime.md).
     providers:        onnxruntime execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"];
                       None: CUDA first when this onnxruntime has it, else CPU.
     backend_options:  keyword arguments for the backend, e.g. {"max_tags": 30000, "fp16": True} for
@@ -101,8 +105,14 @@ class Tagger:
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ):
         options: Dict[str, Any] = dict(backend_options or {})
+        requested = backend
+        backend, auto_options, self.backend_reason = resolve_backend(requested)
+        if requested == AUTO:
+            logger.info("backend=%r chose %s: %s", AUTO, backend, self.backend_reason)
+            options = {**auto_options, **options}
         if backend == "onnxruntime":
-            options.update(providers=providers, intra_op_threads=intra_op_threads)
+            options.update({k: v for k, v in (("providers", providers), ("intra_op_threads", intra_op_threads))
+                            if v is not None})
         elif providers is not None or intra_op_threads is not None:
             raise ValueError(f"providers and intra_op_threads are onnxruntime settings; backend {backend!r} takes "
                              "its settings through backend_options")

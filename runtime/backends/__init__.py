@@ -1,11 +1,17 @@
 """Backends that run the bundle's graphs, by name. Each is imported only when asked for, so
-``import ram_edge.runtime`` never imports onnxruntime or tensorrt."""
+``import ram_edge.runtime`` never imports onnxruntime, tensorrt or openvino.
+
+:func:`resolve_backend` turns ``"auto"`` into a backend name for this machine."""
 
 from __future__ import annotations
 
+import glob
 import importlib
 import importlib.util
-from typing import Dict, Optional, Sequence, Tuple, Type
+import os
+import platform
+from dataclasses import dataclass
+from typing import Any, Dict, FrozenSet, Optional, Sequence, Tuple, Type
 
 from .base import Backend, TensorInfo
 
@@ -21,6 +27,10 @@ _REGISTRY: Dict[str, Tuple[str, str, str, Tuple[str, ...]]] = {
         "pip install 'ram-edge[trt]' on a machine with an NVIDIA GPU; on Jetson use the JetPack TensorRT "
         "(python3-libnvinfer, venv with --system-site-packages) and pip install polygraphy",
         ("tensorrt", "polygraphy"),
+    ),
+    "openvino": (
+        "ram_edge.runtime.backends.openvino", "OpenVINOBackend",
+        "pip install 'ram-edge[openvino]'", ("openvino",),
     ),
 }
 
@@ -73,6 +83,83 @@ def register_backend(
     _REGISTRY[name] = (module, class_name, install_hint, tuple(requires))
 
 
+# ------------------------------------------------------------------------------------------------------
+# backend="auto"
+
+AUTO = "auto"
+_X86 = frozenset({"x86_64", "amd64", "x64", "i386", "i686", "x86"})
+
+
+def cuda_gpu_present() -> bool:
+    """An NVIDIA GPU device node exists (``/dev/nvidia0``..., or Jetson's ``/dev/nvhost-ctrl-gpu``) and
+    ``CUDA_VISIBLE_DEVICES`` does not hide every GPU. A file lookup: no CUDA library is loaded, so this costs
+    nothing on a CPU machine; whether the driver works is for the chosen backend to find out."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/nvhost-ctrl-gpu")
+
+
+@dataclass(frozen=True)
+class MachineInfo:
+    """What ``backend="auto"`` decides on. :meth:`detect` looks at this machine; tests build one.
+
+    installed:     registered backends whose modules are installed (:func:`available_backends`).
+    cuda_gpu:      :func:`cuda_gpu_present`.
+    ort_providers: onnxruntime's available execution providers (looked up only where there is a GPU,
+                   to import onnxruntime only when its answer matters).
+    arch:          ``platform.machine()``.
+    """
+
+    installed: FrozenSet[str]
+    cuda_gpu: bool
+    ort_providers: Tuple[str, ...]
+    arch: str
+
+    @classmethod
+    def detect(cls) -> "MachineInfo":
+        installed = frozenset(available_backends())
+        gpu = cuda_gpu_present()
+        providers: Tuple[str, ...] = ()
+        if gpu and "onnxruntime" in installed:
+            import onnxruntime
+
+            providers = tuple(onnxruntime.get_available_providers())
+        return cls(installed, gpu, providers, platform.machine())
+
+    @property
+    def is_x86(self) -> bool:
+        return self.arch.lower() in _X86
+
+
+def resolve_backend(
+    name: str = AUTO, machine: Optional[MachineInfo] = None
+) -> Tuple[str, Dict[str, Any], str]:
+    """(backend name, its options, why). ``"auto"``, in this order: TensorRT where tensorrt and polygraphy
+    are installed and an NVIDIA GPU is present; onnxruntime on CUDA where its CUDAExecutionProvider is
+    available and a GPU is present; OpenVINO on an x86 CPU where openvino is installed; onnxruntime on CPU.
+    Any other registered name is returned as it is. ``machine``: what to decide on (default: this one)."""
+    if name != AUTO:
+        if name not in _REGISTRY:
+            raise ValueError(f"unknown backend {name!r}; choose {AUTO!r} or one of {', '.join(_REGISTRY)}")
+        return name, {}, f"backend {name!r} was asked for"
+    m = machine if machine is not None else MachineInfo.detect()
+    gpu = "an NVIDIA GPU is present" if m.cuda_gpu else "no NVIDIA GPU"
+    if m.cuda_gpu and "tensorrt" in m.installed:
+        return "tensorrt", {}, f"{gpu} and tensorrt + polygraphy are installed"
+    if m.cuda_gpu and "CUDAExecutionProvider" in m.ort_providers:
+        why = f"{gpu} and onnxruntime has the CUDAExecutionProvider (tensorrt + polygraphy: not installed)"
+        return "onnxruntime", {"providers": ["CUDAExecutionProvider", "CPUExecutionProvider"]}, why
+    if m.cuda_gpu:
+        gpu += " but neither tensorrt nor onnxruntime-gpu is installed"
+    if m.is_x86 and "openvino" in m.installed:
+        return "openvino", {}, f"{gpu}; openvino is installed and this CPU is {m.arch}"
+    cpu = (f"openvino is not installed ({_REGISTRY['openvino'][2]})" if m.is_x86
+           else f"this CPU is {m.arch}, not x86 (OpenVINO is picked on x86 only)")
+    return "onnxruntime", {"providers": ["CPUExecutionProvider"]}, f"{gpu}; {cpu}"
+
+
 __all__ = [
-    "Backend", "TensorInfo", "available_backends", "get_backend_class", "register_backend", "registered_backends",
+    "AUTO", "Backend", "MachineInfo", "TensorInfo", "available_backends", "cuda_gpu_present", "get_backend_class",
+    "register_backend", "registered_backends", "resolve_backend",
 ]
