@@ -1,16 +1,18 @@
-"""Torch-free inference for ram-edge bundles: numpy, Pillow and a backend (onnxruntime; TensorRT later).
+"""Torch-free inference for ram-edge bundles: numpy, Pillow and a backend (onnxruntime, TensorRT, OpenVINO).
 
     from ram_edge.runtime import Tagger
     tagger = Tagger("bundle/")
     print(tagger.tag("photo.jpg").tags)
 
-Importing this package imports neither torch, onnx, onnxruntime nor tensorrt: backends load lazily.
+Importing this package imports neither torch, onnx, onnxruntime, tensorrt nor openvino: backends load lazily.
 """
 
 from ram_edge.bundle_format import BundleError
 from ram_edge.vocabulary import Vocabulary
 
-from .backends import Backend, TensorInfo, available_backends, get_backend_class, register_backend
+from .backends import (
+    Backend, TensorInfo, available_backends, get_backend_class, register_backend, resolve_backend,
+)
 from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Preprocessor
 from .tagger import TagResult, Tagger, sigmoid
 
@@ -28,5 +30,6 @@ __all__ = [
     "available_backends",
     "get_backend_class",
     "register_backend",
+    "resolve_backend",
     "sigmoid",
 ]

@@ -178,6 +178,25 @@ def test_registry_and_missing_openvino(monkeypatch, tmp_path):
     assert resolve_backend("auto", MachineInfo.detect())[0] == "onnxruntime"
 
 
+@pytest.mark.parametrize("version, numpy_version, message", [
+    ("2023.3.0", "1.26.4", r"needs openvino >= 2024.0, this is 2023.3.0"),
+    ("2024.3.0", "2.1.0", r"openvino 2024.3.0 is built for numpy 1 .* numpy 2.1.0 is installed"),
+    ("2024.3.0", "1.26.4", None),
+    ("2024.4.0", "2.1.0", None),
+    ("2026.4.1-22982-e213a147257-releases/2026/4", "2.4.0", None),
+])
+def test_openvino_and_numpy_versions(monkeypatch, version, numpy_version, message):
+    import types
+
+    monkeypatch.setitem(sys.modules, "openvino", types.SimpleNamespace(__version__=version))
+    monkeypatch.setattr(np, "__version__", numpy_version)
+    if message is None:
+        assert import_openvino().__version__ == version
+    else:
+        with pytest.raises(OpenVINOUnavailableError, match=message):
+            import_openvino()
+
+
 def test_importing_the_backend_imports_no_openvino(tmp_path):
     code = (
         "import sys\n"

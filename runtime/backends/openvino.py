@@ -17,6 +17,7 @@ compiled for something else, and each blob has a ``.json`` saying what it was co
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -37,6 +38,9 @@ INSTALL_HINT = "pip install 'ram-edge[openvino]'"
 #: The oldest OpenVINO this backend is written for (the Python API of 2024.0: ``openvino.Core``,
 #: ``import_model`` from bytes, ``InferRequest.infer(share_inputs=...)``).
 MIN_OPENVINO = (2024, 0)
+#: openvino before 2024.4 declares numpy<2; run with numpy 2 anyway (pip upgrades numpy for another
+#: package) its tensors read garbage: logits of NaN and 1e32 measured with 2024.0 + numpy 2.4.
+FIRST_NUMPY2_OPENVINO = (2024, 4)
 
 PRECISIONS = ("f32", "bf16")
 PERFORMANCE_HINTS = ("LATENCY", "THROUGHPUT")
@@ -234,6 +238,12 @@ def import_openvino():
             f"the OpenVINO backend needs openvino >= {MIN_OPENVINO[0]}.{MIN_OPENVINO[1]}, this is {version}: "
             f"{INSTALL_HINT}"
         )
+    if numbers < FIRST_NUMPY2_OPENVINO and int(np.__version__.split(".")[0]) >= 2:
+        raise OpenVINOUnavailableError(
+            f"openvino {version} is built for numpy 1 (it requires numpy<2) but numpy {np.__version__} is "
+            "installed; together they return wrong numbers without an error. Install openvino>=2024.4 "
+            "(pip install -U 'ram-edge[openvino]') or numpy<2"
+        )
     return ov
 
 
@@ -274,12 +284,11 @@ class OpenVINOBackend(Backend):
         if options is not None and option_fields:
             raise TypeError("pass either options= or option keyword arguments, not both")
         if options is None:
-            try:
-                options = OpenVINOOptions(**option_fields)
-            except TypeError:
-                known = list(OpenVINOOptions.__dataclass_fields__)
-                unknown = sorted(set(option_fields) - set(known))
-                raise TypeError(f"unknown OpenVINO option(s) {unknown}; known: {known}") from None
+            known = list(OpenVINOOptions.__dataclass_fields__)
+            unknown = sorted(set(option_fields) - set(known))
+            if unknown:
+                raise TypeError(f"unknown OpenVINO option(s) {unknown}; known: {known}")
+            options = OpenVINOOptions(**option_fields)
         self.options = options
         self.precision: Optional[str] = None
         self.precision_reason = ""
@@ -385,7 +394,9 @@ class OpenVINOBackend(Backend):
                     "device": dict(device_material), "config": {k: str(v) for k, v in config.items()},
                     "inputs": names[0], "outputs": names[1]}
             try:
-                write_cache_entry(path, compiled.export_model().getvalue(), meta)
+                blob = io.BytesIO()  # export_model() returns bytes in OpenVINO 2024.0, a BytesIO in 2026.4
+                compiled.export_model(blob)
+                write_cache_entry(path, blob.getvalue(), meta)
                 logger.info("%s: compiled for %s and cached in %s", self.model_path.name, device, path)
             except OSError as e:  # a full disk must not stop inference
                 logger.warning("%s: could not cache the compiled model in %s (%s)", self.model_path.name, path, e)
