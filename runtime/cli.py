@@ -57,7 +57,7 @@ exit status: 0 all inputs tagged; 1 some inputs failed; 2 usage or bundle error;
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .backends import registered_backends
+    from .backends import AUTO, registered_backends
     from .preprocess import DEFAULT_MAX_PIXELS
 
     p = argparse.ArgumentParser(
@@ -89,7 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=16, metavar="N", help="images per inference call (16)")
     g.add_argument("--workers", type=int, metavar="N", help="image decoding threads (default: min(8, CPUs))")
-    g.add_argument("--backend", choices=registered_backends(), default="onnxruntime", help="inference backend (tensorrt needs the [trt] extra and an NVIDIA GPU)")
+    g.add_argument("--backend", choices=(AUTO,) + registered_backends(), default="onnxruntime",
+                   help="inference backend (default: onnxruntime; tensorrt needs the [trt] extra and an NVIDIA GPU, "
+                        "openvino the [openvino] extra; auto: TensorRT, onnxruntime CUDA, OpenVINO on x86, "
+                        "onnxruntime CPU, the first this machine has)")
     g.add_argument("--providers", nargs="+", metavar="NAME",
                    help="onnxruntime execution providers in order of preference, e.g. CUDAExecutionProvider "
                         "CPUExecutionProvider (default: CUDA when available, then CPU)")
@@ -294,6 +297,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
     except (BundleError, ValueError, ImportError, NotImplementedError) as e:
         return _error(str(e))
+    if args.backend == "auto" and not args.quiet:
+        print(f"ram-tag: --backend auto: {tagger.backend_name} ({tagger.backend_reason})", file=sys.stderr)
     try:
         if tag_names is not None or args.descriptions:
             thresholds = args.thresholds or args.threshold

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -12,14 +13,15 @@ from PIL import Image
 from ram_edge.bundle_format import BundleError
 from ram_edge.vocabulary import Vocabulary
 
-from .backends import backend_options as make_backend_options
-from .backends import open_graph
+from .backends import AUTO, configure_backend, open_graph
 from .backends.base import Backend
 from .bundle import BundleInfo, check_graph_io, open_bundle
 from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
 
 #: Class lists whose text embeddings ``Tagger.classify`` keeps, so repeated calls cost no text encoding.
 CLASS_CACHE_SIZE = 8
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class Tagger:
     """Tags images with a bundle written by ``ram-export``.
 
     bundle_dir:       the bundle folder.
-    backend:          "onnxruntime" (CPU or CUDA) or "tensorrt" (NVIDIA GPUs, Jetson; see docs/runtime.md).
+    backend:          "onnxruntime" (CPU or CUDA), "tensorrt" (NVIDIA GPUs, Jetson), "openvino" (x86 CPUs), or
+                      "auto": the best of those this machine has (``resolve_backend``; see docs/runtime.md).
     providers:        onnxruntime execution providers, e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"];
                       None: CUDA first when this onnxruntime has it, else CPU.
     backend_options:  keyword arguments for the backend, e.g. {"max_tags": 30000, "fp16": True} for
@@ -128,7 +131,11 @@ class Tagger:
         alpha: str = "drop",
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ):
-        options = make_backend_options(backend, providers, intra_op_threads, backend_options)
+        requested = backend
+        backend, options, self.backend_reason = configure_backend(requested, providers, intra_op_threads,
+                                                                  backend_options)
+        if requested == AUTO:
+            logger.info("backend=%r chose %s: %s", AUTO, backend, self.backend_reason)
         self.bundle: BundleInfo = open_bundle(bundle_dir, verify_files=verify_files)
         self.preprocessor = Preprocessor(
             self.bundle.image_size, resize=resize, exif_transpose=exif_transpose, alpha=alpha, max_pixels=max_pixels

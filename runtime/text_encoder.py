@@ -21,7 +21,7 @@ import numpy as np
 
 from ram_edge.bundle_format import BundleError
 
-from .backends import backend_options as make_backend_options, open_graph
+from .backends import configure_backend, open_graph
 from .bundle import ADD_TEXT_ENCODER_HINT, BundleInfo, check_backend_io, open_bundle
 from .clip_tokenizer import ClipTokenizer
 
@@ -64,7 +64,7 @@ class TextEncoder:
         self.bundle = info
         self.batch_size = int(batch_size)
         self.tokenizer = ClipTokenizer(info.tokenizer_path, context_length=info.context_length)
-        options = make_backend_options(backend, providers, intra_op_threads, backend_options)
+        backend, options, _ = configure_backend(backend, providers, intra_op_threads, backend_options)
         self._graph = open_graph(backend, info.text_encoder_path, options)
         try:
             check_backend_io(info, "text encoder", info.text_encoder, self._graph)

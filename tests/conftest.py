@@ -257,3 +257,28 @@ def image_dir(tmp_path) -> Path:
         pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / rel, quality=95)
     return folder
+
+
+@pytest.fixture(scope="session")
+def golden_bundle(reference, tmp_path_factory) -> Callable[[str], tuple]:
+    """``golden_bundle(name)`` -> (bundle folder, golden arrays): ``golden/<name>.pth`` exported with
+    ``ram_edge.export.export_bundle`` (fp32, tags ``t0``...), once per test session, shared by every test
+    that runs a golden through a backend. Skips without torch (the export side)."""
+    pytest.importorskip("torch", reason="the export side (torch) is not installed")
+    from ram_edge.export.bundle import export_bundle
+    from ram_edge.models.checkpoint import load_checkpoint
+
+    exported = {}
+
+    def export(name: str) -> tuple:
+        if name not in exported:
+            golden = np.load(reference / "golden" / f"{name}.npz")
+            size = json.loads((reference / "golden" / f"{name}.json").read_text(encoding="utf-8"))["image_size"]
+            model = load_checkpoint(reference / "golden" / f"{name}.pth", image_size=size,
+                                    tags=[f"t{i}" for i in range(golden["logits"].shape[1])])
+            bundle = tmp_path_factory.mktemp("golden") / name
+            export_bundle(model, bundle, source=name)
+            exported[name] = (bundle, golden)
+        return exported[name]
+
+    return export

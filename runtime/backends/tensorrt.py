@@ -19,11 +19,8 @@ The engine's input shapes: ``batch`` 1..max_batch (opt ``min(16, max_batch)``, r
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import json
 import logging
 import os
-import tempfile
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -32,6 +29,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .base import Backend, TensorInfo
+from .common import cache_file_name, digest, prepare_input, user_cache_dir, write_cache_entry, writable_dir
 
 logger = logging.getLogger(__name__)
 
@@ -260,11 +258,11 @@ def cache_key(onnx_sha256: str, tensorrt_version: str, gpu: str, plan: BuildPlan
         "gpu": gpu,
         **plan.key_material(),
     }
-    return hashlib.sha256(json.dumps(material, sort_keys=True).encode("utf-8")).hexdigest()
+    return digest(material)
 
 
 def engine_file_name(graph_file: str, key: str) -> str:
-    return f"{Path(graph_file).stem}.{key[:24]}.engine"
+    return cache_file_name(graph_file, key, ".engine")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -326,22 +324,6 @@ def numpy_dtype(trt_dtype: Any) -> np.dtype:
     return np.dtype(_TRT_NUMPY[name])
 
 
-def prepare_input(name: str, array: Any, dtype: np.dtype) -> np.ndarray:
-    """``array`` as a C-contiguous array of the engine's dtype. Masks become numpy bool (bytes 0 / 1 exactly:
-    TensorRT leaves other byte values of a BOOL undefined), so any nonzero value counts as true."""
-    array = np.asarray(array)
-    dtype = np.dtype(dtype)
-    if dtype == np.bool_:
-        if array.dtype != np.bool_:
-            if not (np.issubdtype(array.dtype, np.number)):
-                raise TypeError(f"input {name}: expected a bool mask, got {array.dtype}")
-            array = array != 0
-        return np.ascontiguousarray(array)
-    if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.number):
-        raise TypeError(f"input {name}: expected {dtype.name} numbers, got {array.dtype}")
-    return np.ascontiguousarray(array, dtype=dtype)
-
-
 # ------------------------------------------------------------------------------------------------------
 # Environment (imports, CUDA device)
 
@@ -400,35 +382,6 @@ def cuda_device(index: int = 0) -> str:
 
 def default_cache_dir(bundle_dir: Path) -> Path:
     return bundle_dir / "trt_cache"
-
-
-def user_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ram-edge" / "tensorrt"
-
-
-def _writable_dir(path: Path) -> bool:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
-            pass
-        return True
-    except OSError:
-        return False
-
-
-def _write_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _read_manifest_beside(model_path: Path) -> Dict[str, Any]:
@@ -526,11 +479,11 @@ class TensorRTBackend(Backend):
     def _cache_dir(self) -> Optional[Path]:
         if self.options.cache_dir:
             path = Path(self.options.cache_dir).expanduser()
-            if not _writable_dir(path):
+            if not writable_dir(path):
                 raise ValueError(f"TensorRT cache_dir {path} is not a writable folder")
             return path
-        for path in (default_cache_dir(self.model_path.parent), user_cache_dir()):
-            if _writable_dir(path):
+        for path in (default_cache_dir(self.model_path.parent), user_cache_dir("tensorrt")):
+            if writable_dir(path):
                 return path
         logger.warning("no writable folder for the TensorRT engine cache; the engine will be rebuilt next time")
         return None
@@ -554,10 +507,9 @@ class TensorRTBackend(Backend):
         )
         serialized = self._build(trt, poly_trt)
         if path is not None:
-            _write_atomic(path, serialized)
             meta = {"key": key, "onnx": str(self.model_path), "gpu": self.gpu, "tensorrt": trt.__version__,
                     **self.plan.key_material()}
-            _write_atomic(path.with_suffix(".json"), (json.dumps(meta, indent=1) + "\n").encode("utf-8"))
+            write_cache_entry(path, serialized, meta)
         self.loaded_from_cache = False
         return poly_trt.engine_from_bytes(serialized)
 
