@@ -119,8 +119,12 @@ class TextEncoder:
         ids = self.tokenize(texts)
         return self.encode_ids(ids, batch_size=batch_size, progress=progress)
 
-    def encode_ids(self, ids: np.ndarray, batch_size: Optional[int] = None, progress: bool = False) -> np.ndarray:
-        """(N, L) token ids (start token, BPE ids, end token, zero padding) -> (N, E) float32."""
+    def encode_ids(self, ids: np.ndarray, batch_size: Optional[int] = None, progress: bool = False,
+                   trim: bool = True) -> np.ndarray:
+        """(N, L) token ids (start token, BPE ids, end token, zero padding) -> (N, E) float32.
+
+        ``trim=False`` runs every batch at the full width L, as upstream does (same numbers up to
+        float32 rounding; only for measuring what trimming saves)."""
         ids = np.asarray(ids)
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"token ids must be an (N, L) integer array, got {ids.dtype} {ids.shape}")
@@ -129,7 +133,7 @@ class TextEncoder:
         out = np.empty((count, self.embed_dim), dtype=np.float32)
         if count == 0:
             return out
-        lengths = ids.argmax(axis=1) + 1  # through the end-of-text token (the largest id)
+        lengths = ids.argmax(axis=1) + 1 if trim else np.full(count, ids.shape[1])  # through the end token
         order = np.argsort(lengths, kind="stable")
         from tqdm import tqdm
 
