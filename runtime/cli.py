@@ -27,6 +27,7 @@ examples:
   ram-tag bundle/ photos/ --format jsonl --out tags.jsonl        # a folder, recursively
   ram-tag bundle/ 'shots/**/*.png' --top-k 10 --threshold 0.5     # a glob (quote it)
   ram-tag bundle/ photos/ --format jsonl --out tags.jsonl --resume  # continue an interrupted run
+  ram-tag bundle/ photos/ s3://bucket/shots/ --ray local --out tags.parquet  # Ray Data, Parquet shards
 """
 
 EPILOG = """\
@@ -79,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPUExecutionProvider (default: CUDA when available, then CPU)")
     g.add_argument("--intra-op-threads", type=int, metavar="N", help="onnxruntime threads per operator")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="run on Ray Data: 'local' starts a Ray cluster on this machine, else a cluster address "
+                        "(auto, HOST:6379, ray://HOST:10001); --out is then a folder of Parquet shards "
+                        "(needs the [ray] extra; see docs/serving.md)")
+    g.add_argument("--ray-actors", type=int, metavar="N",
+                   help="with --ray: model replicas (default: one per GPU, else sized to the cluster's CPUs)")
     g = p.add_argument_group("preprocessing")
     g.add_argument("--resize", choices=("pillow", "opencv"), default="pillow",
                    help="pillow: exactly upstream (default); opencv: faster on large images, slightly different")
@@ -206,6 +213,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"--workers must be >= 1, got {args.workers}")
     if args.resume and not args.out:
         return _error("--resume needs --out FILE (the file to continue)")
+    if args.ray is not None:
+        try:
+            from ram_edge.distributed.cli import run as run_on_ray  # only here: Ray is an optional extra
+        except ImportError as e:
+            return _error(str(e))
+        return run_on_ray(args)
 
     from PIL import Image
     from tqdm import tqdm
