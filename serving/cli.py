@@ -33,7 +33,8 @@ Concurrent requests are batched: the first image waits up to --max-wait-ms for o
 once (uploading, decoding, waiting, running); more are answered 503 at once. Every bad input is a 4xx
 with JSON {"error": "..."}; see docs/serving.md.
 
-exit status: 0 stopped cleanly; 2 usage or bundle error, or the address cannot be used; 130 interrupted.
+exit status: 0 stopped; 1 the server failed to start; 2 usage or bundle error, or the address cannot be
+used; 130 stopped by Ctrl-C (SIGINT), after a graceful shutdown.
 """
 
 

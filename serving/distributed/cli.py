@@ -8,15 +8,10 @@ import logging
 import sys
 import warnings
 
-from ram_edge.runtime.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE
+from ram_edge.runtime.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, _error
 
 #: Failures listed on stderr; the rest are in the output's ``error`` column.
 SHOWN_FAILURES = 20
-
-
-def _error(message: str) -> int:
-    print(f"ram-tag: error: {message}", file=sys.stderr)
-    return EXIT_USAGE
 
 
 def run(args: argparse.Namespace) -> int:

@@ -144,7 +144,7 @@ def load_images(batch: Dict[str, np.ndarray], preprocessor: Preprocessor,
     paths = batch["path"]
     size = preprocessor.image_size
     pixels = np.zeros((len(paths), 3, size, size), dtype=np.float32)
-    errors = np.array([e or "" for e in batch["error"]], dtype=object)
+    errors = np.array([str(e) for e in batch["error"]], dtype=object)
     for i, (filesystem, location) in enumerate(zip(batch["filesystem"], batch["location"])):
         if errors[i]:
             continue
@@ -260,7 +260,9 @@ def check_job(bundle: str, options: TagJobOptions) -> Preprocessor:
     the bundle's manifest, the vocabulary and its language, threshold and top_k. Returns the
     preprocessing the reading tasks apply. Raises BundleError or ValueError."""
     info = open_bundle(bundle, verify_files=False)  # the actors verify the files they load
-    vocabulary = options.tagger_options.get("vocabulary") or info.vocabulary_dir
+    vocabulary = options.tagger_options.get("vocabulary")
+    if vocabulary is None:
+        vocabulary = info.vocabulary_dir
     if not isinstance(vocabulary, Vocabulary):
         vocabulary = Vocabulary.load(vocabulary)
     vocabulary.display_names(options.lang)
@@ -285,19 +287,14 @@ def build_dataset(bundle: str, sources: Sequence[Source], filesystems: Mapping[s
         tagger_options.setdefault("intra_op_threads", plan.intra_op_threads)
     block = _rows_per_block(len(sources), options.batch_size, max(1, int(resources.get("CPU", 1))),
                             options.rows_per_block)
-    columns = {
-        "path": [s.path for s in sources],
-        "filesystem": [s.filesystem for s in sources],
-        "location": [s.location for s in sources],
-        "error": [s.error for s in sources],
-    }
-    table = pa.table(columns, schema=pa.schema([("path", pa.string()), ("filesystem", pa.string()),
-                                                ("location", pa.string()), ("error", pa.string())]))
-    blocks = [table.slice(start, block) for start in range(0, table.num_rows, block)]
-    logger.info("%d inputs in %d blocks; %d model actors (%g CPUs, %g GPUs each)", len(sources), len(blocks),
+    # from_items builds the blocks here on the driver (from_arrow would run a remote task per block).
+    rows = [{"path": s.path, "filesystem": s.filesystem, "location": s.location, "error": s.error or ""}
+            for s in sources]
+    num_blocks = math.ceil(len(rows) / block)
+    logger.info("%d inputs in %d blocks; %d model actors (%g CPUs, %g GPUs each)", len(sources), num_blocks,
                 plan.size, plan.num_cpus, plan.num_gpus)
     return (
-        ray.data.from_arrow(blocks)
+        ray.data.from_items(rows, override_num_blocks=num_blocks)
         .map_batches(load_images, batch_size=options.batch_size, batch_format="numpy", num_cpus=READ_TASK_CPUS,
                      fn_kwargs={"preprocessor": preprocessor, "filesystems": dict(filesystems)})
         .map_batches(TagImages, batch_size=options.batch_size, batch_format="numpy",
@@ -321,8 +318,8 @@ def tag_to_parquet(bundle: str, inputs: Sequence[str], out: str, *, options: Tag
     filesystem, folder = resolve_output(out)
     existing = list_shards(filesystem, folder)
     if existing and not resume:
-        raise ValueError(f"{out} already holds {len(existing)} Parquet shards; pass resume to continue that run "
-                         "or choose another output folder")
+        raise ValueError(f"{out} already holds {len(existing)} Parquet shards: continue that run with --resume "
+                         "(resume=True) or choose another output folder")
     sources, filesystems = list_sources(inputs)
     done = read_done(filesystem, folder) if resume else set()
     todo = [s for s in sources if s.path not in done]
