@@ -111,6 +111,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        from ram_edge.serving import ServeConfig  # noqa: F401  (the [serve] extra, with its advice if absent)
+    except ImportError as e:
+        return _error(str(e))
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
