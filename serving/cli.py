@@ -111,8 +111,8 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    try:
-        from ram_edge.serving import ServeConfig  # noqa: F401  (the [serve] extra, with its advice if absent)
+    try:  # through the package: without the [serve] extra it says what to install
+        from ram_edge.serving import ServeConfig, TaggingService, create_app
     except ImportError as e:
         return _error(str(e))
     parser = build_parser()
@@ -139,8 +139,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ram_edge.bundle_format import BundleError
     from ram_edge.runtime.tagger import Tagger
     from ram_edge.vocabulary import Vocabulary
-
-    from .app import ServeConfig, TaggingService, create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="ram-serve: %(message)s", stream=sys.stderr)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # --max-pixels is the explicit guard

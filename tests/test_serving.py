@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
+from prometheus_client import generate_latest  # noqa: E402
 
 from _serving import ServerThread, metric_value  # noqa: E402
 from conftest import make_test_vocabulary  # noqa: E402
@@ -261,6 +261,18 @@ def test_a_body_that_stalls_past_the_timeout_is_408(test_bundle):
         assert status == 408 and "--request-timeout" in answer["error"]
         assert post_tag(server, [png(seed=22)]).status_code == 200
         wait_for_metric(server, "ram_serve_requests_in_flight", 0)
+
+
+def test_no_answer_within_the_timeout_is_504_and_the_image_is_dropped(test_bundle):
+    # The batcher holds the first image up to a minute for three more that never come.
+    config = ServeConfig(max_batch=4, max_wait_ms=60_000, request_timeout=0.5)
+    with ServerThread(test_bundle, config) as server:
+        response = post_tag(server, [png(seed=23)])
+        assert response.status_code == 504 and "--request-timeout" in response.json()["error"]
+        wait_for_metric(server, "ram_serve_requests_in_flight", 0)
+        assert metric_value(metrics(server), "ram_serve_errors_total", endpoint="/v1/tag", reason="timeout") == 1
+    # Shutting down released the waiting batch; the timed-out image never reached the encoder.
+    assert metric_value(generate_latest(server.service.metrics.registry).decode(), "ram_serve_images_total") == 0
 
 
 def test_bearer_token(test_bundle):
