@@ -30,6 +30,7 @@ examples:
   ram-tag bundle/ photos/ --tags "otter,kayak,paddle board"        # open-set tags, built on the fly
   ram-tag bundle/ photos/ --classify "cat,dog,bird"                 # zero-shot: one label per image
   ram-tag bundle/ photos/ --format prompt                           # Grounding DINO prompts
+  ram-tag bundle/ photos/ s3://bucket/shots/ --ray local --out tags.parquet  # Ray Data, Parquet shards
 """
 
 EPILOG = """\
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPUExecutionProvider (default: CUDA when available, then CPU)")
     g.add_argument("--intra-op-threads", type=int, metavar="N", help="onnxruntime threads per operator")
     g.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the bundle's files")
+    g.add_argument("--ray", metavar="ADDRESS",
+                   help="run on Ray Data: 'local' starts a Ray cluster on this machine, else a cluster address "
+                        "(auto, HOST:6379, ray://HOST:10001); --out is then a folder of Parquet shards "
+                        "(needs the [ray] extra; see docs/serving.md)")
+    g.add_argument("--ray-actors", type=int, metavar="N",
+                   help="with --ray: model replicas (default: one per GPU, else sized to the cluster's CPUs)")
     g = p.add_argument_group("preprocessing")
     g.add_argument("--resize", choices=("pillow", "opencv"), default="pillow",
                    help="pillow: exactly upstream (default); opencv: faster on large images, slightly different")
@@ -237,6 +244,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"--workers must be >= 1, got {args.workers}")
     if args.resume and not args.out:
         return _error("--resume needs --out FILE (the file to continue)")
+    if args.ray is not None:
+        if args.tags or args.descriptions or args.classify:
+            return _error("--ray runs the bundle's own vocabulary or --vocab DIR; build an open-set vocabulary "
+                          "first with ram-vocab build and pass it as --vocab")
+        try:
+            from ram_edge.distributed.cli import run as run_on_ray  # only here: Ray is an optional extra
+        except ImportError as e:
+            return _error(str(e))
+        return run_on_ray(args)
     if args.thresholds and not (args.tags or args.descriptions):
         return _error("--thresholds applies to --tags or --descriptions")
     if args.classify and args.format == "prompt":
