@@ -241,17 +241,8 @@ def rss_mib() -> Optional[float]:
     return None if kib is None else kib / 1024
 
 
-def reset_peak_rss() -> bool:
-    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0: ``clear_refs`` 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def peak_rss_mib() -> Optional[float]:
-    """The high-water mark of the RSS since the last reset (or since the start), MiB."""
+    """The high-water mark of this process's RSS, MiB."""
     kib = _status_kib("VmHWM")
     if kib is None:
         import resource
@@ -260,23 +251,40 @@ def peak_rss_mib() -> Optional[float]:
     return kib / 1024
 
 
-def measure_memory(engines, pixels: np.ndarray, vocab, loaded: Dict[str, float]) -> Dict[str, dict]:
-    """Per engine: RSS added by loading it, and the peak working memory above the RSS before one batch-1
-    image goes through its encoder and decoder (high-water mark reset first)."""
+def memory_probe(spec: dict) -> dict:
+    """Run in a fresh interpreter (``--memory-probe``): load one engine, then one batch-1 image through its
+    encoder and decoder at the bundle's vocabulary. Returns the RSS after import, after loading and the
+    peak; a fresh process, because an allocator that already holds freed memory hides new allocations."""
+    from ram_edge.runtime.preprocess import Preprocessor
+    from ram_edge.vocabulary import Vocabulary
+
+    bundle = load_bundle(Path(spec["bundle"]))
+    base = rss_mib()
+    if spec["kind"] == "torch":
+        engine = TorchEngine(bundle, spec["threads"], spec.get("checkpoint"))
+    else:
+        engine = OrtEngine(bundle, spec["providers"], spec["name"], spec["threads"], tuned=spec.get("tuned", True))
+    vocab = Vocabulary.load(bundle.path / bundle.manifest["vocabulary"]["dir"])
+    engine.set_vocabulary(vocab.embeddings, vocab.mask)
+    loaded = rss_mib()
+    pixels = Preprocessor(bundle.manifest["model"]["image_size"], exif_transpose=False)(Path(spec["image"]).read_bytes())[None]
+    engine.decode(engine.encode(pixels))
+    return {"base_mib": base, "loaded_mib": loaded - base, "peak_mib": peak_rss_mib(),
+            "working_peak_mib": max(0.0, peak_rss_mib() - loaded)}
+
+
+def measure_memory(specs: List[dict]) -> Dict[str, dict]:
+    """``memory_probe`` of every engine, each in its own process (sequentially, so they do not compete)."""
     out = {}
-    for engine in engines:
-        engine.set_vocabulary(*vocab)
-        gc.collect()
-        exact = reset_peak_rss()
-        before = rss_mib()
-        engine.decode(engine.encode(pixels))
-        peak = peak_rss_mib()
-        out[engine.name] = {
-            "loaded_mib": loaded.get(engine.name),
-            "working_peak_mib": None if before is None or peak is None else max(0.0, peak - before),
-            "process_peak_mib": peak,
-            "exact_high_water_mark": exact,
-        }
+    for spec in specs:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            out[spec["name"]] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+            log(f"memory probe {spec['name']} failed: {out[spec['name']]['error']}")
+            continue
+        out[spec["name"]] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(f"  {spec['name']}: loaded +{out[spec['name']]['loaded_mib']:.0f} MiB, peak {out[spec['name']]['peak_mib']:.0f} MiB")
     return out
 
 
@@ -664,11 +672,14 @@ def print_tables(report: dict, peak: dict) -> None:
         print(f"decoder fit {engine}: {fit['ms_per_1000_tags']:.1f} ms per 1000 tags + {fit['intercept'] * 1e3:.1f} ms, R^2 {fit['r2']:.4f}")
     memory = report.get("memory_mib")
     if memory:
-        print(f"memory (MiB; whole run peak {memory['process_peak']:.0f}):")
+        print(f"memory, each engine alone in a fresh process, one image (MiB; this whole run peaked at "
+              f"{memory['process_peak']:.0f}):")
         for engine, m in memory["engines"].items():
-            loaded = "?" if m["loaded_mib"] is None else f"{m['loaded_mib']:.0f}"
-            working = "?" if m["working_peak_mib"] is None else f"{m['working_peak_mib']:.0f}"
-            print(f"  {engine:32s} loaded {loaded:>6s}   peak working, 1 image {working:>6s}")
+            if "error" in m:
+                print(f"  {engine:32s} failed: {m['error']}")
+                continue
+            print(f"  {engine:32s} peak {m['peak_mib']:6.0f} = interpreter {m['base_mib']:4.0f} + loaded "
+                  f"{m['loaded_mib']:5.0f} + working {m['working_peak_mib']:5.0f}")
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -714,9 +725,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
     p.add_argument("--ort-default", action="store_true", help="also measure CPU fp32 with plain session options and numpy feeds (before tuning)")
     p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG fed to preprocessing")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the per-engine memory probes (each engine reloaded in a fresh process)")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"directory for latency.json and the plots (default {DEFAULT_OUT.relative_to(REPO)}/, ignored by git)")
     args = p.parse_args(argv)
+    if args.memory_probe:
+        return args
     if not args.bundles and not args.demo:
         p.error("give bundle directories or --demo VARIANT")
     if min(args.batch) < 1 or min(args.tags) < 1 or args.repeats < 1 or args.warmup < 0:
@@ -726,6 +742,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return 0
     threads = args.threads or os.cpu_count()
     import onnxruntime as ort
 
@@ -752,20 +771,14 @@ def main(argv=None) -> int:
     for note in notes:
         log(note)
     engines: List[Engine] = []
-    loaded_mib: Dict[str, float] = {}
-
-    def load(make):
-        before = rss_mib()
-        engine = make()
-        if before is not None:
-            loaded_mib[engine.name] = rss_mib() - before
-        engines.append(engine)
-
+    specs: List[dict] = []  # how to rebuild each engine in a fresh process, for the memory probes
     baseline = None
     if not args.no_torch:
         log("loading the torch eager fp32 baseline")
-        load(lambda: TorchEngine(first, threads, args.checkpoint))
+        engines.append(TorchEngine(first, threads, args.checkpoint))
         baseline = engines[-1].name
+        specs.append({"kind": "torch", "name": baseline, "bundle": str(first.path), "threads": threads,
+                      "checkpoint": args.checkpoint, "image": str(args.image)})
     for bundle in bundles:
         for label, providers in plan:
             name = f"ort-{label}-{bundle.precision}"
@@ -773,10 +786,12 @@ def main(argv=None) -> int:
                 name += f"[{bundle.path.name}]"
             if args.ort_default and label == "cpu" and bundle.precision == "fp32":
                 log(f"loading {name}-default (plain options, numpy feeds)")
-                load(lambda: OrtEngine(bundle, providers, name + "-default", threads, tuned=False))
+                engines.append(OrtEngine(bundle, providers, name + "-default", threads, tuned=False))
             log(f"loading {name}")
             try:
-                load(lambda: OrtEngine(bundle, providers, name, threads))
+                engines.append(OrtEngine(bundle, providers, name, threads))
+                specs.append({"kind": "ort", "name": name, "bundle": str(bundle.path), "providers": providers,
+                              "threads": threads, "image": str(args.image)})
             except Exception as e:  # a provider that fails to initialise is reported, not fatal
                 notes.append(f"{name}: failed to load ({e}); skipped")
                 log(notes[-1])
@@ -808,9 +823,6 @@ def main(argv=None) -> int:
                 base_logits = logits
             agreement[engine.name] = float(np.abs(logits - base_logits).max())
 
-    log("memory: peak working memory of one image per engine")
-    run_peak = peak_rss_mib()  # before the per-engine resets of the high-water mark
-    memory = measure_memory(engines, pixels, bundle_vocab, loaded_mib)
 
     swaps: Dict[str, Dict[int, float]] = {}
     run_tags_sweep(engines, embeds_by_engine, sorted(args.tags), bundle_vocab, descriptions, dim, min(args.batch),
@@ -825,6 +837,12 @@ def main(argv=None) -> int:
                 engine.set_vocabulary(*bundle_vocab)  # release the 1 GB swap table before the next engine
                 gc.collect()
 
+    for engine in engines:  # the probes run one engine at a time: nothing of this process competes
+        engine.close()
+    gc.collect()
+    log("memory: each engine alone in a fresh process, one image")
+    memory = measure_memory(specs) if args.memory else {}
+
     report = build_report(rec, engines, baseline, config, peak, args.tags, args.batch, main_tags)
     report.update({
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
@@ -834,8 +852,7 @@ def main(argv=None) -> int:
         "macs": {"encoder_per_image": encoder_macs(config), "decoder_per_image_main_tags": decoder_macs(config, main_tags),
                  "decoder_per_tag_per_image": decoder_macs(config, 1) - decoder_macs(config, 0)},
         "max_abs_logit_diff_vs_baseline": agreement, "set_vocabulary_s": swaps, "vocabulary_swap": swap_report,
-        "memory_mib": {"engines": memory, "process_peak": max([run_peak, peak_rss_mib()]
-                                                              + [m["process_peak_mib"] for m in memory.values()])},
+        "memory_mib": {"engines": memory, "process_peak": peak_rss_mib()},
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads, "batch": args.batch, "tags": args.tags},
         "seconds": time.perf_counter() - started,
     })
@@ -843,8 +860,6 @@ def main(argv=None) -> int:
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
     report["plots"] = plot(report, args.out)
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
-    for engine in engines:
-        engine.close()
     print_tables(report, peak)
     for s in swap_report:
         print(f"swap {s['num_tags']} tags x {s['descriptions']} ({s['float32_bytes'] / 2**20:.0f} MiB fp32) on {s['engine']}: "
