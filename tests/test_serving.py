@@ -419,3 +419,31 @@ def test_batcher_reports_a_failed_batch_to_each_request():
         assert batcher.alive  # the worker survives and takes the next batch
     finally:
         batcher.close()
+
+
+def test_batcher_a_failing_target_fails_only_its_images():
+    from ram_edge.runtime.tagger import select_tags
+    from ram_edge.serving import Batcher, WorkItem
+
+    encoded = []
+
+    def encode(pixels):
+        encoded.append(len(pixels))
+        return pixels.reshape(len(pixels), -1)[:, :3] * 1.0
+
+    def decode(target, embeds):
+        if target == "broken":
+            raise ValueError("vocabulary embeddings are 4 wide but this bundle's model takes embed_dim=8")
+        return embeds
+
+    batcher = Batcher(encode, decode, lambda p, item: select_tags(p, 0.0, ["a", "b", "c"])[0], max_batch=3,
+                      max_wait_ms=60_000)
+    try:
+        items = [WorkItem(np.full((3, 2, 2), 0.5, np.float32), target=t) for t in (None, "broken", None)]
+        batcher.submit(items)
+        assert [len(items[i].future.result(30).tags) for i in (0, 2)] == [3, 3]
+        with pytest.raises(ValueError, match="embed_dim=8"):
+            items[1].future.result(30)
+        assert encoded == [3]  # one encoder call for the three
+    finally:
+        batcher.close()
