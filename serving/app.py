@@ -585,7 +585,7 @@ def create_app(service: TaggingService) -> FastAPI:
         data = [await upload.read() for upload in images]
         results = await service.tag(data, threshold=threshold, top_k=top_k, lang=lang, deadline=deadline,
                                     target=target)
-        # CAPTION (phase 2, another engineer): when the Tagger can caption (Tagger.caption(...).text), each
+        # CAPTION (being added to the Tagger: Tagger.caption(...).text): when the Tagger can caption, each
         # result gains "caption"; the page shows it where present (serving/static/app.js, #caption).
         return JSONResponse({"results": [_result_json(r) for r in results]})
 

@@ -33,10 +33,11 @@ examples:
 
 EPILOG = """\
 Concurrent requests are batched: the first image waits up to --max-wait-ms for others, up to
---max-batch images share one encoder call. At most --max-queue tag requests are in the service at
-once (uploading, decoding, waiting, running), vocabulary uploads included; more are answered 503 at once.
-Vocabularies are built one at a time, kept in memory (at most --max-vocabularies) and lost on restart. Every bad input is a 4xx
-with JSON {"error": "..."}; see docs/serving.md.
+--max-batch images share one encoder call, whatever vocabulary each request names. At most --max-queue
+tag requests and vocabulary uploads are in the service at once (uploading, decoding, waiting, running);
+more are answered 503 at once. Vocabularies (POST /v1/vocabularies) are built one at a time, kept in
+memory (at most --max-vocabularies) and lost on restart. Every bad input is a 4xx with JSON
+{"error": "..."}; see docs/serving.md.
 
 exit status: 0 stopped; 1 the server failed to start; 2 usage or bundle error, or the address cannot be
 used; 130 stopped by Ctrl-C (SIGINT), after a graceful shutdown.

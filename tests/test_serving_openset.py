@@ -128,7 +128,8 @@ def test_requests_with_different_vocabularies_share_one_encoder_call(openset_dem
     # The batch closes when its 4th image arrives; the wait is far longer than the test.
     config = ServeConfig(max_batch=4, max_wait_ms=60_000, request_timeout=120)
     with ServerThread(openset_demo_bundle, config) as server:
-        assert post_vocabulary(server, {"id": "outdoor", "names": OUTDOOR, "thresholds": {"otter": 0.6}}).status_code == 201
+        stored = post_vocabulary(server, {"id": "outdoor", "names": OUTDOOR, "thresholds": {"otter": 0.6}})
+        assert stored.status_code == 201
         requests = [({"vocabulary": "outdoor", "threshold": 0}, "outdoor"), ({"threshold": 0, "top_k": 5}, "default"),
                     ({"tags": "sky, dog", "threshold": 0}, "sky_dog"), ({"classify": "cat,dog,bird"}, "classes")]
         responses = [None] * len(requests)
@@ -148,7 +149,8 @@ def test_requests_with_different_vocabularies_share_one_encoder_call(openset_dem
             assert_same(response.json()["results"][0], expected[want][0], "classes" if "classify" in fields else "tags")
         text = metrics(server)
         # One encoder call for the four images, decoded against four targets.
-        assert metric_value(text, "ram_serve_batch_size_count") == 1 and metric_value(text, "ram_serve_batch_size_sum") == 4
+        assert metric_value(text, "ram_serve_batch_size_count") == 1
+        assert metric_value(text, "ram_serve_batch_size_sum") == 4
         assert metric_value(text, "ram_serve_batch_targets_sum") == 4
 
 
@@ -276,7 +278,8 @@ def test_the_token_guards_vocabulary_changes(openset_demo_bundle):
         assert post_tag(server, IMAGES[:1], vocabulary="v").status_code == 200
         assert post_tag(server, IMAGES[:1], tags="sky,dog").status_code == 200
         assert httpx.delete(server.url + "/v1/vocabularies/v").status_code == 401
-        assert httpx.delete(server.url + "/v1/vocabularies/v", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        authorized = {"Authorization": "Bearer s3cret"}
+        assert httpx.delete(server.url + "/v1/vocabularies/v", headers=authorized).status_code == 200
     with ServerThread(openset_demo_bundle, ServeConfig(token="s3cret", token_scope="all")) as server:
         assert httpx.get(server.url + "/v1/vocabularies").status_code == 401
         assert post_tag(server, IMAGES[:1], tags="sky,dog").status_code == 401
@@ -293,7 +296,8 @@ def test_a_bundle_without_text_encoder_says_how_to_add_one(test_bundle):
         assert httpx.get(server.url + "/v1/vocabularies").json() == {"vocabularies": [], "max_vocabularies": 16,
                                                                      "text_encoder": False}
         assert post_tag(server, [png()], threshold=0).status_code == 200
-        assert metric_value(metrics(server), "ram_serve_errors_total", endpoint="/v1/tag", reason="not_implemented") == 2
+        text = metrics(server)
+        assert metric_value(text, "ram_serve_errors_total", endpoint="/v1/tag", reason="not_implemented") == 2
 
 
 def test_cli_open_set_flags(test_bundle, capsys):

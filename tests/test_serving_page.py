@@ -170,7 +170,8 @@ def test_type_your_own_tags_and_classes(openset_demo_bundle, tmp_path):
             box.send_keys(Keys.ENTER)
             wait.until(lambda d: tag_texts(d) == list(default.tags))
             assert zh_button(driver).get_attribute("disabled")
-            assert driver.find_element(By.CSS_SELECTOR, '#lang [data-lang="en"]').get_attribute("aria-pressed") == "true"
+            english = driver.find_element(By.CSS_SELECTOR, '#lang [data-lang="en"]')
+            assert english.get_attribute("aria-pressed") == "true"
             assert driver.find_element(By.ID, "caption-box").get_attribute("hidden")  # no captioning here
             severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
             assert not severe, severe
