@@ -14,12 +14,18 @@ skipped with a note), it measures after ``--warmup`` calls:
   are synthesized: random unit-norm rows with the bundle's descriptions per tag), with a linear fit;
 * swapping in a ``--swap-tags`` vocabulary (building the float32 arrays, binding them, first call);
 * the machine's matmul peak (best of ``--peak-repeats`` large sgemm calls in onnxruntime and torch), and
-  each stage's achieved GFLOP/s from MACs counted off the model configuration.
+  each stage's achieved GFLOP/s from MACs counted off the model configuration;
+* memory per engine: what loading it added to the process (RSS) and the peak working memory of one
+  batch-1 image through encoder and decoder at the bundle's vocabulary (the kernel's high-water mark,
+  reset before each engine), and the whole run's peak RSS.
 
 Engines are measured interleaved (one call of each per round), so a load change on the machine hits
 all of them alike and the ratios stay meaningful. The torch eager fp32 model is rebuilt from the
 bundle's manifest (demo weights) or ``--checkpoint``. Writes ``latency.json`` and two PNG plots to
-``--out``. See docs/performance.md for the numbers and how to read them.
+``--out`` (default ``benchmarks/results/``, ignored by git); ``--demo`` bundles are exported once into
+``--cache-dir`` (default ``~/.cache/ram-edge/bench``) and reused. The default run on the tiny preset
+(``--demo ram_plus_tiny_384 --num-tags 200``) stays under 4 GB; add ``--tags ... 20000`` for the large
+vocabulary point. See docs/performance.md for the numbers and how to read them.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ from ram_edge.runtime.tagger import select_tags, sigmoid
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO / "examples" / "images" / "demo4.jpg"
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ram-edge" / "bench"
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 PERCENTILES = (50, 90, 99)
 
@@ -211,6 +219,64 @@ def matmul_peak(threads: Optional[int], repeats: int, shape: Tuple[int, int, int
     except ImportError:
         pass
     out["peak_gflops"] = max(v for key, v in out.items() if key.endswith("_gflops"))
+    return out
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+
+def _status_kib(field_name: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_mib() -> Optional[float]:
+    """The process's resident set now (Linux), MiB."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux >= 4.0: ``clear_refs`` 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> Optional[float]:
+    """The high-water mark of the RSS since the last reset (or since the start), MiB."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024
+
+
+def measure_memory(engines, pixels: np.ndarray, vocab, loaded: Dict[str, float]) -> Dict[str, dict]:
+    """Per engine: RSS added by loading it, and the peak working memory above the RSS before one batch-1
+    image goes through its encoder and decoder (high-water mark reset first)."""
+    out = {}
+    for engine in engines:
+        engine.set_vocabulary(*vocab)
+        gc.collect()
+        exact = reset_peak_rss()
+        before = rss_mib()
+        engine.decode(engine.encode(pixels))
+        peak = peak_rss_mib()
+        out[engine.name] = {
+            "loaded_mib": loaded.get(engine.name),
+            "working_peak_mib": None if before is None or peak is None else max(0.0, peak - before),
+            "process_peak_mib": peak,
+            "exact_high_water_mark": exact,
+        }
     return out
 
 
@@ -510,7 +576,15 @@ def build_report(rec: Recorder, engines, baseline: Optional[str], config: dict, 
     return report
 
 
+def _machine_title(report: dict) -> str:
+    machine = report.get("machine", {})
+    return f"{machine.get('Model name', platform.machine())}, {machine.get('threads') or machine.get('cpu_count')} threads"
+
+
 def plot(report: dict, out_dir: Path) -> List[str]:
+    """latency_vs_tags.png (decoder time over vocabulary sizes on a log axis, with the linear fit over the
+    measured range) and latency_vs_batch.png (per-image time by batch size: grouped bars for a few batch
+    sizes, a line for many)."""
     try:
         import matplotlib
 
@@ -521,19 +595,22 @@ def plot(report: dict, out_dir: Path) -> List[str]:
         return []
     written = []
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    machine = _machine_title(report)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for engine in sorted({r["engine"] for r in rows if r["sweep"] == "tags"}):
         pts = sorted((r["tags"], r["p50"] * 1e3) for r in rows if r["sweep"] == "tags" and r["engine"] == engine and r["stage"] == "decoder")
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, "o-", label=engine)
+        line, = ax.plot(xs, ys, "o-", label=engine)
         fit = report["decoder_linear_fit"].get(engine)
-        if fit and np.isfinite(fit["slope"]):
-            grid = np.linspace(0, max(xs), 50)
-            ax.plot(grid, (fit["slope"] * grid + fit["intercept"]) * 1e3, ":", color=ax.lines[-1].get_color(), alpha=0.6)
-    ax.set_xlabel("vocabulary size (tags)")
-    ax.set_ylabel("decoder p50 latency (ms), batch 1")
-    ax.set_title("Decoder latency vs vocabulary size (dotted: linear fit)")
-    ax.grid(alpha=0.3)
+        if fit and np.isfinite(fit["slope"]) and len(xs) > 1:
+            grid = np.geomspace(min(xs), max(xs), 50)
+            ax.plot(grid, np.maximum(0.0, fit["slope"] * grid + fit["intercept"]) * 1e3, ":",
+                    color=line.get_color(), alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("vocabulary size (tags, log scale)")
+    ax.set_ylabel("decoder p50 (ms), batch 1")
+    ax.set_title(f"Decoder latency vs vocabulary size (dotted: linear fit)\n{machine}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "latency_vs_tags.png"
@@ -541,16 +618,26 @@ def plot(report: dict, out_dir: Path) -> List[str]:
     plt.close(fig)
     written.append(str(path))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for engine in sorted({r["engine"] for r in rows if r["sweep"] == "pipeline"}):
-        pts = sorted((r["batch"], r["p50"] * 1e3 / r["batch"]) for r in rows if r["sweep"] == "pipeline" and r["engine"] == engine and r["stage"] == "total")
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, "o-", label=engine)
-    ax.set_xlabel("batch size")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    engines = sorted({r["engine"] for r in rows if r["sweep"] == "pipeline"})
+    batches = sorted({r["batch"] for r in rows if r["sweep"] == "pipeline"})
+    per_image = {(r["engine"], r["batch"]): r["p50"] * 1e3 / r["batch"] for r in rows
+                 if r["sweep"] == "pipeline" and r["stage"] == "total"}
+    if len(batches) <= 3:  # a few batch sizes: grouped bars, one group per batch size
+        width = 0.8 / max(1, len(engines))
+        for i, engine in enumerate(engines):
+            xs = [j + i * width for j in range(len(batches))]
+            bars = ax.bar(xs, [per_image.get((engine, b), np.nan) for b in batches], width, label=engine)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    else:
+        for engine in engines:
+            ax.plot(batches, [per_image.get((engine, b), np.nan) for b in batches], "o-", label=engine)
+        ax.set_xticks(batches)
+        ax.set_xlabel("batch size")
     ax.set_ylabel("end-to-end p50 per image (ms)")
-    ax.set_title(f"Latency per image vs batch ({report['main']['tags']} tags)")
-    ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
+    ax.set_title(f"Latency per image vs batch ({report['main']['tags']} tags)\n{machine}", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "latency_vs_batch.png"
@@ -575,6 +662,13 @@ def print_tables(report: dict, peak: dict) -> None:
                 print(f"{engine:34s}" + "".join(f"{values.get(s, float('nan')):11.2f}x" for s in stages))
     for engine, fit in report["decoder_linear_fit"].items():
         print(f"decoder fit {engine}: {fit['ms_per_1000_tags']:.1f} ms per 1000 tags + {fit['intercept'] * 1e3:.1f} ms, R^2 {fit['r2']:.4f}")
+    memory = report.get("memory_mib")
+    if memory:
+        print(f"memory (MiB; whole run peak {memory['process_peak']:.0f}):")
+        for engine, m in memory["engines"].items():
+            loaded = "?" if m["loaded_mib"] is None else f"{m['loaded_mib']:.0f}"
+            working = "?" if m["working_peak_mib"] is None else f"{m['working_peak_mib']:.0f}"
+            print(f"  {engine:32s} loaded {loaded:>6s}   peak working, 1 image {working:>6s}")
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -606,11 +700,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--demo", metavar="VARIANT", help="export this preset with demo weights into --cache-dir (once) and measure it")
     p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], help="with --demo: precisions to export (default fp32 fp16)")
     p.add_argument("--num-tags", type=int, help="with --demo: size of the demo model's default vocabulary")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ram-edge" / "bench")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                   help=f"where --demo bundles are exported once and reused (default {DEFAULT_CACHE})")
     p.add_argument("--checkpoint", help="official checkpoint for the torch baseline when the bundle is not a demo export")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes for the pipeline sweep (default 1 8)")
-    p.add_argument("--tags", nargs="+", type=int, default=[100, 1000, 4585, 20000], help="vocabulary sizes for the decoder sweep")
-    p.add_argument("--swap-tags", type=int, default=10000, help="vocabulary size for the swap measurement (0: skip)")
+    p.add_argument("--tags", nargs="+", type=int, default=[100, 1000, 4585],
+                   help="vocabulary sizes for the decoder sweep (default 100 1000 4585; a RAM++ 20000 adds 2 GB)")
+    p.add_argument("--swap-tags", type=int, default=4585, help="vocabulary size for the swap measurement (0: skip)")
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per configuration (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime and torch (default: all cores)")
@@ -618,7 +714,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
     p.add_argument("--ort-default", action="store_true", help="also measure CPU fp32 with plain session options and numpy feeds (before tuning)")
     p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG fed to preprocessing")
-    p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for latency.json and the plots")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"directory for latency.json and the plots (default {DEFAULT_OUT.relative_to(REPO)}/, ignored by git)")
     args = p.parse_args(argv)
     if not args.bundles and not args.demo:
         p.error("give bundle directories or --demo VARIANT")
@@ -655,10 +752,19 @@ def main(argv=None) -> int:
     for note in notes:
         log(note)
     engines: List[Engine] = []
+    loaded_mib: Dict[str, float] = {}
+
+    def load(make):
+        before = rss_mib()
+        engine = make()
+        if before is not None:
+            loaded_mib[engine.name] = rss_mib() - before
+        engines.append(engine)
+
     baseline = None
     if not args.no_torch:
         log("loading the torch eager fp32 baseline")
-        engines.append(TorchEngine(first, threads, args.checkpoint))
+        load(lambda: TorchEngine(first, threads, args.checkpoint))
         baseline = engines[-1].name
     for bundle in bundles:
         for label, providers in plan:
@@ -667,10 +773,10 @@ def main(argv=None) -> int:
                 name += f"[{bundle.path.name}]"
             if args.ort_default and label == "cpu" and bundle.precision == "fp32":
                 log(f"loading {name}-default (plain options, numpy feeds)")
-                engines.append(OrtEngine(bundle, providers, name + "-default", threads, tuned=False))
+                load(lambda: OrtEngine(bundle, providers, name + "-default", threads, tuned=False))
             log(f"loading {name}")
             try:
-                engines.append(OrtEngine(bundle, providers, name, threads))
+                load(lambda: OrtEngine(bundle, providers, name, threads))
             except Exception as e:  # a provider that fails to initialise is reported, not fatal
                 notes.append(f"{name}: failed to load ({e}); skipped")
                 log(notes[-1])
@@ -702,6 +808,10 @@ def main(argv=None) -> int:
                 base_logits = logits
             agreement[engine.name] = float(np.abs(logits - base_logits).max())
 
+    log("memory: peak working memory of one image per engine")
+    run_peak = peak_rss_mib()  # before the per-engine resets of the high-water mark
+    memory = measure_memory(engines, pixels, bundle_vocab, loaded_mib)
+
     swaps: Dict[str, Dict[int, float]] = {}
     run_tags_sweep(engines, embeds_by_engine, sorted(args.tags), bundle_vocab, descriptions, dim, min(args.batch),
                    args.warmup, args.repeats, rec, swaps)
@@ -724,6 +834,8 @@ def main(argv=None) -> int:
         "macs": {"encoder_per_image": encoder_macs(config), "decoder_per_image_main_tags": decoder_macs(config, main_tags),
                  "decoder_per_tag_per_image": decoder_macs(config, 1) - decoder_macs(config, 0)},
         "max_abs_logit_diff_vs_baseline": agreement, "set_vocabulary_s": swaps, "vocabulary_swap": swap_report,
+        "memory_mib": {"engines": memory, "process_peak": max([run_peak, peak_rss_mib()]
+                                                              + [m["process_peak_mib"] for m in memory.values()])},
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads, "batch": args.batch, "tags": args.tags},
         "seconds": time.perf_counter() - started,
     })

@@ -129,3 +129,18 @@ def test_tiny_demo_run_writes_json_and_plots(latency, tmp_path):
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["plots"]) == 2
+    memory = report["memory_mib"]
+    assert set(memory["engines"]) == engines
+    for m in memory["engines"].values():
+        assert m["loaded_mib"] is not None and m["working_peak_mib"] >= 0
+        assert m["process_peak_mib"] <= memory["process_peak"]
+    assert memory["process_peak"] < 4096  # the tiny run stays well inside a 4 GB device
+
+
+def test_memory_probes(latency):
+    before = latency.rss_mib()
+    assert before > 0
+    latency.reset_peak_rss()
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    assert latency.peak_rss_mib() >= before + 60
+    del block

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the job ``ram-tag``'s parsed arguments describe; returns ram-tag's exit status."""
     if not args.out:
         return _error("--ray needs --out FOLDER (Parquet shards are written there, e.g. --out tags.parquet)")
-    if args.format != "text":
+    if args.format not in (None, "text"):
         return _error("--ray writes Parquet to --out; --format does not apply")
     if args.workers is not None:
         return _error("--workers does not apply with --ray: images are decoded in Ray tasks on every CPU")
@@ -50,8 +50,6 @@ def run(args: argparse.Namespace) -> int:
     from .job import TagJobOptions, connect, tag_to_parquet
 
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # --max-pixels is the explicit guard
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="ram-tag: %(message)s",
-                        stream=sys.stderr)
     tagger_options = {
         "backend": args.backend, "verify_files": not args.no_verify, "resize": args.resize,
         "exif_transpose": not args.no_exif_transpose, "alpha": args.alpha, "max_pixels": args.max_pixels or None,
@@ -66,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         except (BundleError, ValueError) as e:
             return _error(str(e))
     options = TagJobOptions(
-        threshold=args.threshold, top_k=args.top_k, lang=args.lang, batch_size=args.batch_size,
+        threshold=args.threshold, top_k=args.top_k, lang=args.lang,
+        batch_size=args.batch_size or TagJobOptions.batch_size,
         num_actors=args.ray_actors, cpus_per_actor=args.intra_op_threads, tagger_options=tagger_options,
     )
 

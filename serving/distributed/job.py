@@ -161,7 +161,7 @@ def load_images(batch: Dict[str, np.ndarray], preprocessor: Preprocessor,
                     raise ImageError(f"cannot read: {e}") from None
                 pixels[i] = preprocessor(data)
         except ImageError as e:
-            errors[i] = str(e)
+            errors[i] = e.reason
         except Exception as e:  # one file's unexpected failure must not fail its batch
             errors[i] = f"{type(e).__name__}: {e}"
     return {"path": paths, "pixels": pixels, "error": errors}
