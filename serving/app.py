@@ -115,7 +115,7 @@ class ServeConfig:
     token_scope: str = "writes"
     max_vocabularies: int = 16
     max_vocabulary_texts: int = 32_768
-    max_request_tags: int = 32
+    max_request_tags: int = 16
     text_cache_size: int = 16
 
     def __post_init__(self):
@@ -298,7 +298,8 @@ class TaggingService:
             raise HTTPException(400, f"{kind}: {e}") from None
         except asyncio.TimeoutError:
             raise HTTPException(504, f"{kind}: the text encoder did not finish within "
-                                     f"{self.config.request_timeout:g} s (--request-timeout)") from None
+                                     f"{self.config.request_timeout:g} s (--request-timeout); once started it "
+                                     "goes on, and a retry finds the result cached") from None
 
     async def tag(self, images: List[bytes], *, threshold: Optional[float], top_k: Optional[int], lang: str,
                   deadline: float, target: Optional[Target] = None) -> List[Union[TagResult, ClassResult]]:
