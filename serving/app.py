@@ -162,7 +162,8 @@ class VocabularyRequest(BaseModel):
 
 class TaggingService:
     """A Tagger, its batcher, its decoding and text-encoding threads, and the stored vocabularies.
-    :meth:`start` / :meth:`stop` bracket serving."""
+    :meth:`start` / :meth:`stop` bracket serving. The Tagger's vocabulary when the service is made is its
+    default vocabulary (the service never changes it: other vocabularies are fed with each decoder call)."""
 
     def __init__(self, tagger: Tagger, config: ServeConfig = ServeConfig(), *, close_tagger: bool = False):
         self.tagger, self.config = tagger, config
@@ -238,7 +239,7 @@ class TaggingService:
         if cached is not None:
             return cached
         kind, names = key
-        text = self._text_encoder()
+        text = self._text_encoder()  # loaded under the lock; class_embeddings below uses the same one
         if kind == "tags":
             target: Target = open_set_target(self.tagger, Vocabulary.from_names(list(names), text))
         else:
