@@ -11,6 +11,9 @@ stops it afterwards; with ``--url`` it measures that running service as it is co
 per request (``--images``, cycled) until ``--duration`` seconds have passed, so the load is bounded in
 time and stays on this machine. Reports per mode: requests, answers by status, throughput, latency
 percentiles, and the batch sizes the service formed (from its /metrics histogram, before and after).
+``--vocabularies N`` (a bundle with a text encoder) first stores N small open-set vocabularies with
+``POST /v1/vocabularies`` and makes the clients cycle through them and the default one, request by
+request: the report then shows how many targets a batch was decoded against (one encoder call each).
 Clients and server share the machine's CPUs: on a small machine the numbers are a floor, not a capacity.
 Writes JSON to ``--out`` (and prints it).
 """
@@ -28,7 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from latency import summarize  # noqa: E402  (percentiles, shared with the latency benchmark)
@@ -36,6 +39,7 @@ from latency import summarize  # noqa: E402  (percentiles, shared with the laten
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGES = REPO / "examples" / "images"
 BATCH_METRIC = "ram_serve_batch_size"
+TARGETS_METRIC = "ram_serve_batch_targets"
 
 
 def log(message: str) -> None:
@@ -45,14 +49,14 @@ def log(message: str) -> None:
 # -- pure functions (tested in tests/test_serve_load.py) -----------------------------------------------
 
 
-def batch_histogram(metrics_text: str) -> Dict[str, float]:
-    """Cumulative bucket counts of the batch-size histogram, plus ``_sum`` and ``_count``."""
+def batch_histogram(metrics_text: str, metric: str = BATCH_METRIC) -> Dict[str, float]:
+    """Cumulative bucket counts of a histogram (default: batch sizes), plus ``_sum`` and ``_count``."""
     out: Dict[str, float] = {}
     for line in metrics_text.splitlines():
-        m = re.match(rf'^{BATCH_METRIC}_bucket\{{le="([^"]+)"\}} (\S+)$', line)
+        m = re.match(rf'^{metric}_bucket\{{le="([^"]+)"\}} (\S+)$', line)
         if m:
             out[m.group(1)] = float(m.group(2))
-        m = re.match(rf"^{BATCH_METRIC}_(sum|count) (\S+)$", line)
+        m = re.match(rf"^{metric}_(sum|count) (\S+)$", line)
         if m:
             out["_" + m.group(1)] = float(m.group(2))
     return out
@@ -78,10 +82,11 @@ def batch_sizes(before: Dict[str, float], after: Dict[str, float]) -> Dict[str, 
 # -- the load --------------------------------------------------------------------------------------------
 
 
-def run_clients(url: str, images: List[Tuple[str, bytes]], clients: int, duration: float,
-                timeout: float) -> Tuple[List[float], Dict[str, int], float]:
-    """``clients`` threads post images for ``duration`` seconds. Returns latencies of 200 answers (s),
-    answers by status ("error" for transport failures), and the wall time."""
+def run_clients(url: str, images: List[Tuple[str, bytes]], clients: int, duration: float, timeout: float,
+                vocabularies: Sequence[Optional[str]] = (None,)) -> Tuple[List[float], Dict[str, int], float]:
+    """``clients`` threads post images for ``duration`` seconds, each request against the next of
+    ``vocabularies`` (ids; None: the default). Returns latencies of 200 answers (s), answers by status
+    ("error" for transport failures), and the wall time."""
     import httpx
 
     latencies: List[float] = []
@@ -98,10 +103,14 @@ def run_clients(url: str, images: List[Tuple[str, bytes]], clients: int, duratio
             i = index
             while time.monotonic() < stop_at[0]:
                 name, data = images[i % len(images)]
+                fields = {"top_k": "5"}
+                vocabulary = vocabularies[i % len(vocabularies)]
+                if vocabulary is not None:
+                    fields["vocabulary"] = vocabulary
                 i += 1
                 start = time.perf_counter()
                 try:
-                    response = http.post(url + "/v1/tag", files=[("images", (name, data))], data={"top_k": "5"})
+                    response = http.post(url + "/v1/tag", files=[("images", (name, data))], data=fields)
                     key = str(response.status_code)
                 except httpx.HTTPError:
                     key = "error"
@@ -124,14 +133,36 @@ def run_clients(url: str, images: List[Tuple[str, bytes]], clients: int, duratio
     return latencies, statuses, time.perf_counter() - started
 
 
-def measure(url: str, images, clients: int, duration: float, timeout: float, warmup: float) -> Dict[str, object]:
+def store_vocabularies(url: str, count: int) -> List[Optional[str]]:
+    """Store ``count`` open-set vocabularies of four tags each; returns the targets the clients cycle
+    through: None (the default vocabulary), then their ids."""
     import httpx
 
+    ids: List[Optional[str]] = [None]
+    for k in range(count):
+        body = {"id": f"load-{k}", "names": [f"object {k} {j}" for j in range(4)]}
+        response = httpx.post(url + "/v1/vocabularies", json=body, timeout=600)
+        if response.status_code == 409 and "exists" in response.text:  # --url: stored by an earlier run
+            ids.append(body["id"])
+            continue
+        if response.status_code != 201:
+            raise SystemExit(f"serve_load: POST /v1/vocabularies answered {response.status_code}: {response.text}")
+        ids.append(body["id"])
+    return ids
+
+
+def measure(url: str, images, clients: int, duration: float, timeout: float, warmup: float,
+            vocabularies: int = 0) -> Dict[str, object]:
+    import httpx
+
+    targets = store_vocabularies(url, vocabularies)
     if warmup > 0:
-        run_clients(url, images, clients, warmup, timeout)
-    before = batch_histogram(httpx.get(url + "/metrics", timeout=30).text)
-    latencies, statuses, wall = run_clients(url, images, clients, duration, timeout)
-    after = batch_histogram(httpx.get(url + "/metrics", timeout=30).text)
+        run_clients(url, images, clients, warmup, timeout, targets)
+    scrape = httpx.get(url + "/metrics", timeout=30).text
+    before, targets_before = batch_histogram(scrape), batch_histogram(scrape, TARGETS_METRIC)
+    latencies, statuses, wall = run_clients(url, images, clients, duration, timeout, targets)
+    scrape = httpx.get(url + "/metrics", timeout=30).text
+    after, targets_after = batch_histogram(scrape), batch_histogram(scrape, TARGETS_METRIC)
     ok = statuses.get("200", 0)
     report: Dict[str, object] = {
         "requests": sum(statuses.values()),
@@ -140,6 +171,8 @@ def measure(url: str, images, clients: int, duration: float, timeout: float, war
         "seconds": wall,
         "throughput_rps": ok / wall if wall > 0 else 0.0,
         "batch_sizes": batch_sizes(before, after),
+        "vocabularies": len(targets),
+        "targets_per_batch": batch_sizes(targets_before, targets_after)["mean"],
     }
     if latencies:
         report["latency_ms"] = {k: (v * 1000 if k != "n" else v) for k, v in summarize(latencies).items()}
@@ -208,14 +241,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="ram-serve --max-wait-ms in the batching mode (5)")
     p.add_argument("--modes", nargs="+", choices=("batching", "no-batching"), default=["batching", "no-batching"])
     p.add_argument("--timeout", type=float, default=60.0, help="per-request client timeout, seconds (60)")
+    p.add_argument("--vocabularies", type=int, default=0, metavar="N",
+                   help="store N open-set vocabularies first and cycle requests through them and the default "
+                        "(needs a bundle with a text encoder; default 0: the default vocabulary only)")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[],
                    help="further ram-serve flags, e.g. --serve-args --intra-op-threads 2 (must come last)")
     p.add_argument("--out", type=Path, help="write the JSON report here")
     args = p.parse_args(argv)
     if (args.bundle is None) == (args.url is None):
         p.error("give a BUNDLE to serve or --url of a running service (one of them)")
-    if args.clients < 1 or args.duration <= 0:
-        p.error("--clients must be >= 1 and --duration > 0")
+    if args.clients < 1 or args.duration <= 0 or args.vocabularies < 0:
+        p.error("--clients must be >= 1, --duration > 0 and --vocabularies >= 0")
     return args
 
 
@@ -231,7 +267,7 @@ def main(argv=None) -> int:
     if args.url:
         log(f"{args.clients} clients for {args.duration:g} s against {args.url}")
         report["modes"]["as-configured"] = measure(args.url.rstrip("/"), images, args.clients, args.duration,
-                                                   args.timeout, args.warmup)
+                                                   args.timeout, args.warmup, args.vocabularies)
     else:
         report["bundle"] = args.bundle
         for mode in args.modes:
@@ -242,7 +278,8 @@ def main(argv=None) -> int:
             try:
                 service.wait_ready()
                 log(f"{mode}: {args.clients} clients for {args.duration:g} s, ram-serve {' '.join(flags)}")
-                result = measure(service.url, images, args.clients, args.duration, args.timeout, args.warmup)
+                result = measure(service.url, images, args.clients, args.duration, args.timeout, args.warmup,
+                                 args.vocabularies)
             finally:
                 service.stop()
             result["server"] = {"max_batch": max_batch, "max_wait_ms": args.max_wait_ms, "flags": flags}
@@ -256,7 +293,7 @@ def main(argv=None) -> int:
         lat = result.get("latency_ms", {})
         log(f"{mode}: {result['throughput_rps']:.1f} req/s, p50 {lat.get('p50', float('nan')):.1f} ms, "
             f"p99 {lat.get('p99', float('nan')):.1f} ms, errors {result['errors'] or 'none'}, "
-            f"mean batch {result['batch_sizes']['mean']:.2f}")
+            f"mean batch {result['batch_sizes']['mean']:.2f}, {result['targets_per_batch']:.2f} targets per batch")
     return 0
 
 

@@ -387,18 +387,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"--tag-chunk must be >= 1, got {args.tag_chunk}")
     if args.resume and not args.out:
         return _error("--resume needs --out FILE (the file to continue)")
+    if args.thresholds and not (args.tags or args.descriptions):
+        return _error("--thresholds applies to --tags or --descriptions")
     fmt = _output_format(args)
     if args.ray is not None:
-        if args.tags or args.descriptions or args.classify:
-            return _error("--ray runs the bundle's own vocabulary or --vocab DIR; build an open-set vocabulary "
-                          "first with ram-vocab build and pass it as --vocab")
+        if args.classify:
+            return _error("--ray writes tags; run --classify without --ray")
         try:
             from ram_edge.distributed.cli import run as run_on_ray  # only here: Ray is an optional extra
         except ImportError as e:
             return _error(str(e))
         return run_on_ray(args)
-    if args.thresholds and not (args.tags or args.descriptions):
-        return _error("--thresholds applies to --tags or --descriptions")
     if args.classify and fmt == "prompt":
         return _error("--format prompt lists tags; it cannot be used with --classify")
     tag_names = classes = None

@@ -5,12 +5,13 @@ its future. One worker thread (the model never runs on the event loop) takes the
 then whatever else arrives within ``max_wait_ms``, up to ``max_batch`` items, and runs:
 
     encode(stacked pixels)                               one call for the whole batch
-    for each vocabulary among the items: decode(vocabulary, their embeddings)
-    per item: select(probabilities row, its threshold / top_k / lang)
+    for each target among the items: decode(target, their embeddings)
+    per item: select(its row of the scores, its threshold / top_k / lang)
 
-So requests with different vocabularies (phase 2: ``vocabulary`` ids of stored open-set vocabularies)
-still share the expensive encoder call and are decoded per vocabulary; ``None`` is the bundle's own.
-Items whose request has given up (timed out, cancelled) are dropped before the encoder runs.
+An item's ``target`` is what it is scored against (the service's default vocabulary, a stored open-set
+vocabulary, a request's own tags or classes: :mod:`ram_edge.serving.vocabularies`), so requests with
+different targets still share the expensive encoder call and are decoded per target. Items whose
+request has given up (timed out, cancelled) are dropped before the encoder runs.
 
 The queue itself has no bound: the service admits at most ``max_queue`` requests of at most
 ``max_images_per_request`` images each (answering 503 beyond), which bounds it.
@@ -24,29 +25,30 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, List, Optional
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 
-from ram_edge.runtime.tagger import TagResult
 
 logger = logging.getLogger(__name__)
 
-#: ``decode(vocabulary_id, image_embeds) -> probabilities`` (B, T) for that vocabulary.
-DecodeFn = Callable[[Optional[Hashable], np.ndarray], np.ndarray]
-#: ``select(probabilities (1, T), item) -> TagResult``: the item's threshold, top_k and language.
-SelectFn = Callable[[np.ndarray, "WorkItem"], TagResult]
+#: ``decode(target, image_embeds) -> scores`` of the B images against that target: an array or a list
+#: with one row per image (probabilities (B, T) for tags, B class results for a classification).
+DecodeFn = Callable[[Optional[Hashable], np.ndarray], Sequence[Any]]
+#: ``select(scores[row:row + 1], item) -> result``: the item's threshold, top_k and language.
+SelectFn = Callable[[Sequence[Any], "WorkItem"], Any]
 
 
 @dataclass
 class WorkItem:
-    """One image of one request. ``future`` resolves to its :class:`TagResult`."""
+    """One image of one request. ``target``: what it is scored against (items are grouped by it, so it
+    must be hashable; None is allowed). ``future`` resolves to what ``select`` returns for it."""
 
     pixels: np.ndarray
     threshold: Optional[float] = None
     top_k: Optional[int] = None
     lang: str = "en"
-    vocabulary: Optional[Hashable] = None
+    target: Optional[Hashable] = None
     future: Future = field(default_factory=Future)
 
 
@@ -55,7 +57,7 @@ class BatchStats:
     """Handed to ``on_batch`` after every model call (for metrics)."""
 
     size: int
-    vocabularies: int
+    targets: int
     seconds: float
 
 
@@ -162,17 +164,26 @@ class Batcher:
         start = time.perf_counter()
         groups: Dict[Optional[Hashable], List[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(item.vocabulary, []).append(i)
+            groups.setdefault(item.target, []).append(i)
         try:
             embeds = self._encode(np.stack([item.pixels for item in items]))
-            for vocabulary, indices in groups.items():
-                probabilities = self._decode(vocabulary, embeds[indices])
-                for row, i in enumerate(indices):
-                    items[i].future.set_result(self._select(probabilities[row:row + 1], items[i]))
-        except Exception as e:  # the model failed: every image still waiting learns why
+        except Exception as e:  # the encoder failed: every image learns why
             logger.exception("inference failed for a batch of %d images", len(items))
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(e)
+            self._fail(items, e)
+        else:
+            for target, indices in groups.items():
+                try:
+                    scores = self._decode(target, embeds[indices])
+                    for row, i in enumerate(indices):
+                        items[i].future.set_result(self._select(scores[row:row + 1], items[i]))
+                except Exception as e:  # this target's images learn why; the others' results stand
+                    logger.exception("decoding failed for %d images of a batch", len(indices))
+                    self._fail([items[i] for i in indices], e)
         if self._on_batch is not None:
             self._on_batch(BatchStats(len(items), len(groups), time.perf_counter() - start))
+
+    @staticmethod
+    def _fail(items: List[WorkItem], error: Exception) -> None:
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)

@@ -18,20 +18,26 @@ SERVE_MAX_PIXELS = 64_000_000
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 DESCRIPTION = """\
-Serve a ram-edge bundle over HTTP: POST /v1/tag (multipart 'images', 'threshold', 'top_k', 'lang'),
-GET /healthz, GET /metrics (Prometheus), a web page at /, API docs at /docs.
+Serve a ram-edge bundle over HTTP: POST /v1/tag (multipart 'images', 'threshold', 'top_k', 'lang', and
+'vocabulary', 'tags' or 'classify'), POST/GET /v1/vocabularies (open-set vocabularies built with the
+bundle's text encoder), GET /healthz, GET /metrics (Prometheus), a web page at /, API docs at /docs.
 
 examples:
   ram-serve bundle/                                  # http://127.0.0.1:8000/
   curl -F images=@photo.jpg -F top_k=5 http://127.0.0.1:8000/v1/tag
+  curl -F images=@photo.jpg -F tags="otter,kayak" http://127.0.0.1:8000/v1/tag
+  curl -H 'Content-Type: application/json' -d '{"id": "outdoor", "names": ["otter", "kayak"]}' \\
+       http://127.0.0.1:8000/v1/vocabularies        # then -F vocabulary=outdoor
   RAM_SERVE_TOKEN=secret ram-serve bundle/ --host 0.0.0.0 --token-scope all
 """
 
 EPILOG = """\
 Concurrent requests are batched: the first image waits up to --max-wait-ms for others, up to
---max-batch images share one encoder call. At most --max-queue tag requests are in the service at
-once (uploading, decoding, waiting, running); more are answered 503 at once. Every bad input is a 4xx
-with JSON {"error": "..."}; see docs/serving.md.
+--max-batch images share one encoder call, whatever vocabulary each request names. At most --max-queue
+tag requests and vocabulary uploads are in the service at once (uploading, decoding, waiting, running);
+more are answered 503 at once. Vocabularies (POST /v1/vocabularies) are built one at a time, kept in
+memory (at most --max-vocabularies) and lost on restart. Every bad input is a 4xx with JSON
+{"error": "..."}; see docs/serving.md.
 
 exit status: 0 stopped; 1 the server failed to start; 2 usage or bundle error, or the address cannot be
 used; 130 stopped by Ctrl-C (SIGINT), after a graceful shutdown.
@@ -57,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"require 'Authorization: Bearer TOKEN' (default: ${TOKEN_ENV}; prefer the variable, "
                         "a command line is visible to other users)")
     g.add_argument("--token-scope", choices=("writes", "all"), default=d.token_scope,
-                   help="writes: the token guards endpoints that change state (default); all: every /v1 endpoint")
+                   help="writes: the token guards endpoints that change state (creating and deleting vocabularies; "
+                        "default); all: every /v1 endpoint")
     g.add_argument("--no-access-log", action="store_true", help="do not log every request")
     g.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     g = p.add_argument_group("batching and limits")
@@ -66,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms, metavar="MS",
                    help=f"how long an image waits for others to batch with (default {d.max_wait_ms:g})")
     g.add_argument("--max-queue", type=int, default=d.max_queue, metavar="N",
-                   help=f"tag requests in the service at once; more get 503 (default {d.max_queue})")
+                   help=f"tag and vocabulary requests in the service at once; more get 503 (default {d.max_queue})")
     g.add_argument("--max-images-per-request", type=int, default=d.max_images_per_request, metavar="N",
                    help=f"default {d.max_images_per_request}")
     g.add_argument("--max-upload-mb", type=float, default=d.max_upload_bytes / 2**20, metavar="MB",
@@ -76,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=float, default=d.request_timeout, metavar="S",
                    help=f"seconds from a request's arrival to its answer (default {d.request_timeout:g})")
     g.add_argument("--decode-workers", type=int, metavar="N", help="image decoding threads (default: min(8, CPUs))")
+    g = p.add_argument_group("open-set vocabularies and classification (bundles with a text encoder)")
+    g.add_argument("--max-vocabularies", type=int, default=d.max_vocabularies, metavar="N",
+                   help=f"vocabularies kept by POST /v1/vocabularies; more are refused (default {d.max_vocabularies})")
+    g.add_argument("--max-vocabulary-texts", type=int, default=d.max_vocabulary_texts, metavar="N",
+                   help="texts one vocabulary build may embed: 63 per name, one per description "
+                        f"(default {d.max_vocabulary_texts:,})")
+    g.add_argument("--max-request-tags", type=int, default=d.max_request_tags, metavar="N",
+                   help=f"names in one request's 'tags' or 'classify' field (default {d.max_request_tags})")
     g = p.add_argument_group("model")
     g.add_argument("--vocab", metavar="DIR", help="a vocabulary folder to use instead of the bundle's own")
     g.add_argument("--backend", choices=registered_backends(), default="onnxruntime", help="inference backend")
@@ -123,7 +138,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     for flag, value in (("--max-batch", args.max_batch), ("--max-queue", args.max_queue),
-                        ("--max-images-per-request", args.max_images_per_request), ("--max-pixels", args.max_pixels)):
+                        ("--max-images-per-request", args.max_images_per_request), ("--max-pixels", args.max_pixels),
+                        ("--max-vocabularies", args.max_vocabularies),
+                        ("--max-vocabulary-texts", args.max_vocabulary_texts),
+                        ("--max-request-tags", args.max_request_tags)):
         if value < 1:
             return _error(f"{flag} must be >= 1, got {value}")
     if not 0 <= args.port <= 65535:
@@ -146,7 +164,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_images_per_request=args.max_images_per_request, max_upload_bytes=int(args.max_upload_mb * 2**20),
         request_timeout=args.request_timeout, decode_workers=args.decode_workers, token=token,
-        token_scope=args.token_scope,
+        token_scope=args.token_scope, max_vocabularies=args.max_vocabularies,
+        max_vocabulary_texts=args.max_vocabulary_texts, max_request_tags=args.max_request_tags,
     )
     try:
         vocabulary = Vocabulary.load(args.vocab) if args.vocab else None

@@ -1,13 +1,18 @@
-"""A real uvicorn server on 127.0.0.1 (a free port) in a thread, for the service and page tests."""
+"""A real uvicorn server on 127.0.0.1 (a free port) in a thread, for the service and page tests, and the
+small helpers those tests share (images, a tag request, the metrics)."""
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from pathlib import Path
 from typing import Optional
 
+import httpx
+import numpy as np
 import uvicorn
+from PIL import Image
 
 from ram_edge.runtime import Tagger
 from ram_edge.serving import ServeConfig, TaggingService, create_app
@@ -48,3 +53,22 @@ def metric_value(text: str, name: str, **labels: str) -> float:
         if line.startswith(selector + " "):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def png(width: int = 80, height: int = 60, seed: int = 0) -> bytes:
+    """A PNG of random pixels."""
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def post_tag(server: ServerThread, images, timeout: float = 60, headers=None, **fields) -> httpx.Response:
+    """POST /v1/tag with ``images`` (bytes) as repeated ``images`` files and ``fields`` as form fields."""
+    files = [("images", (f"image{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return httpx.post(server.url + "/v1/tag", files=files or None, data={k: str(v) for k, v in fields.items()},
+                      timeout=timeout, headers=headers)
+
+
+def metrics(server: ServerThread) -> str:
+    return httpx.get(server.url + "/metrics", timeout=10).text

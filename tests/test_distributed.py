@@ -226,6 +226,35 @@ def test_ram_tag_ray_resume_skips_done_paths(ray_cluster, test_bundle, tmp_path,
     assert len(read_rows(out)) == 11
 
 
+def test_ram_tag_ray_with_vocab_or_tags_equals_ram_tag(ray_cluster, openset_demo_bundle, tmp_path, capsys):
+    """An open-set vocabulary on Ray: --vocab DIR (loaded by the actor) and --tags (built once on the driver,
+    shipped through the object store) give ram-tag --tags' tags."""
+    from ram_edge.runtime.vocab_cli import main as ram_vocab
+
+    bundle = str(openset_demo_bundle)
+    paths = make_images(tmp_path / "photos", 3, seed=9)
+    vocab = tmp_path / "vocab"
+    tags = "otter,kayak,sky,paddle board"
+    assert ram_vocab(["build", bundle, "--tags", tags, "--out", str(vocab), "-q"]) == 0
+    reference = tmp_path / "ram-tag.jsonl"
+    assert ram_tag([bundle, *paths, "--tags", tags, "--top-k", "3", "--threshold", "0", "--format", "jsonl",
+                    "--out", str(reference), "-q"]) == 0
+    expected = {r["path"]: r for r in map(json.loads, reference.read_text(encoding="utf-8").splitlines())}
+    assert len(expected) == 3 and all(len(r["tags"]) == 3 for r in expected.values())
+    for name, vocabulary in (("vocab", ["--vocab", str(vocab)]), ("tags", ["--tags", tags])):
+        out = tmp_path / f"{name}.parquet"
+        assert ram_tag([bundle, *paths, *vocabulary, "--top-k", "3", "--threshold", "0", "--ray", "local",
+                        "--out", str(out), "-q"]) == 0
+        rows = read_rows(out)
+        assert sorted(r["path"] for r in rows) == sorted(paths)
+        for row in rows:
+            want = expected[row["path"]]
+            assert row["error"] is None and row["tags"] == want["tags"], (name, row, want)
+            np.testing.assert_allclose(row["probabilities"], want["probabilities"], rtol=0, atol=1e-4)
+    assert ram_tag([bundle, *paths, "--tags", "otter,,kayak", "--ray", "local", "--out", str(tmp_path / "x")]) == 2
+    assert "empty name at position 1" in capsys.readouterr().err
+
+
 def test_ram_tag_ray_usage_errors(test_bundle, tmp_path, capsys):
     folder = str(tmp_path)
     assert ram_tag([str(test_bundle), folder, "--ray", "local"]) == 2
@@ -235,3 +264,7 @@ def test_ram_tag_ray_usage_errors(test_bundle, tmp_path, capsys):
     assert ram_tag([str(test_bundle), folder, "--ray", "local", "--out", "x.parquet", "--workers", "2"]) == 2
     assert ram_tag([str(test_bundle), folder, "--ray", "local", "--out", "x.parquet", "--ray-actors", "0"]) == 2
     assert "--ray-actors must be >= 1" in capsys.readouterr().err
+    assert ram_tag([str(test_bundle), folder, "--ray", "local", "--out", "x.parquet", "--classify", "cat,dog"]) == 2
+    assert "run --classify without --ray" in capsys.readouterr().err
+    assert ram_tag([str(test_bundle), folder, "--ray", "local", "--out", "x.parquet", "--tags", "a,b"]) == 2
+    assert "has no text encoder" in capsys.readouterr().err

@@ -52,3 +52,13 @@ def test_short_run_with_and_without_batching(serve_load, test_bundle, image_dir,
         assert result["batch_sizes"]["images"] == result["ok"]  # one image per request
     assert report["modes"]["no-batching"]["batch_sizes"]["histogram"].keys() == {"1"}
     assert report["modes"]["batching"]["server"]["max_batch"] == 16
+
+
+def test_short_run_across_stored_vocabularies(serve_load, openset_demo_bundle, image_dir, tmp_path):
+    out = tmp_path / "load.json"
+    assert serve_load.main([str(openset_demo_bundle), "--clients", "2", "--duration", "1", "--warmup", "0",
+                            "--modes", "batching", "--vocabularies", "2", "--images", str(image_dir),
+                            "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["modes"]["batching"]
+    assert result["ok"] > 0 and result["errors"] == {}
+    assert result["vocabularies"] == 3 and result["targets_per_batch"] >= 1.0

@@ -22,7 +22,7 @@ httpx = pytest.importorskip("httpx")
 from PIL import Image  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
-from _serving import ServerThread, metric_value  # noqa: E402
+from _serving import ServerThread, metric_value, metrics, png, post_tag  # noqa: E402
 from conftest import make_test_vocabulary  # noqa: E402
 from ram_edge.runtime import Tagger  # noqa: E402
 from ram_edge.serving import ServeConfig  # noqa: E402
@@ -30,28 +30,11 @@ from ram_edge.serving.app import STATIC_DIR  # noqa: E402
 from ram_edge.serving.cli import bind, main  # noqa: E402
 
 
-def png(width: int = 80, height: int = 60, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def jpeg(seed: int = 0) -> bytes:
     pixels = np.random.default_rng(seed).integers(0, 256, size=(90, 120, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
-
-
-def post_tag(server: ServerThread, images, timeout: float = 60, headers=None, **fields) -> httpx.Response:
-    files = [("images", (f"image{i}.png", data, "image/png")) for i, data in enumerate(images)]
-    return httpx.post(server.url + "/v1/tag", files=files or None, data={k: str(v) for k, v in fields.items()},
-                      timeout=timeout, headers=headers)
-
-
-def metrics(server: ServerThread) -> str:
-    return httpx.get(server.url + "/metrics", timeout=10).text
 
 
 def multipart(image: bytes, boundary: str = "ramedgeboundary") -> bytes:
@@ -107,7 +90,7 @@ def test_tags_equal_the_tagger_and_health_model_metrics(test_bundle):
     with Tagger(test_bundle) as tagger:
         expected = tagger.tag(images, threshold=0, top_k=4, lang="zh")
     with ServerThread(test_bundle) as server:
-        assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+        assert httpx.get(server.url + "/healthz").json() == {"status": "ok", "text_encoder": False}
         response = post_tag(server, images, threshold=0, top_k=4, lang="zh")
         assert response.status_code == 200, response.text
         results = response.json()["results"]
@@ -123,6 +106,7 @@ def test_tags_equal_the_tagger_and_health_model_metrics(test_bundle):
         model = httpx.get(server.url + "/v1/model").json()
         assert model["num_tags"] == 6 and model["languages"] == ["en", "zh"]
         assert model["model"]["image_size"] == 64 and model["limits"]["max_images_per_request"] == 16
+        assert model["open_set"]["text_encoder"] is False and model["classification"] is False
 
         text = metrics(server)
         assert metric_value(text, "ram_serve_requests_total", endpoint="/v1/tag", status="200") == 2
@@ -307,8 +291,11 @@ def test_page_static_files_and_openapi(test_bundle):
         schema = httpx.get(server.url + "/openapi.json").json()
         operation = schema["paths"]["/v1/tag"]["post"]
         ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
-        assert set(schema["components"]["schemas"][ref]["properties"]) == {"images", "threshold", "top_k", "lang"}
-        assert {"400", "413", "422", "503"} <= set(operation["responses"])
+        assert set(schema["components"]["schemas"][ref]["properties"]) == {
+            "images", "threshold", "top_k", "lang", "vocabulary", "tags", "classify"}
+        assert {"400", "404", "413", "422", "501", "503"} <= set(operation["responses"])
+        assert {"post", "get"} <= set(schema["paths"]["/v1/vocabularies"])
+        assert {"get", "delete"} <= set(schema["paths"]["/v1/vocabularies/{vocabulary_id}"])
         assert httpx.get(server.url + "/docs").status_code == 200
 
 
@@ -382,9 +369,9 @@ def test_batcher_forms_batches_and_decodes_per_vocabulary():
         gate.wait(30)
         return pixels.reshape(len(pixels), -1)[:, :3] * 1.0
 
-    def decode(vocabulary, embeds):
-        decoded.append((vocabulary, len(embeds)))
-        return embeds + (0.0 if vocabulary is None else 1.0)
+    def decode(target, embeds):
+        decoded.append((target, len(embeds)))
+        return embeds + (0.0 if target is None else 1.0)
 
     def select(probabilities, item):
         return select_tags(probabilities, 0.0, ["a", "b", "c"], item.top_k)[0]
@@ -394,7 +381,7 @@ def test_batcher_forms_batches_and_decodes_per_vocabulary():
         first = WorkItem(np.full((3, 2, 2), 0.1, np.float32))
         batcher.submit([first])
         assert entered.wait(30)  # the worker is inside encode with a batch of one
-        later = [WorkItem(np.full((3, 2, 2), 0.2 + 0.1 * i, np.float32), top_k=2, vocabulary=v)
+        later = [WorkItem(np.full((3, 2, 2), 0.2 + 0.1 * i, np.float32), top_k=2, target=v)
                  for i, v in enumerate([None, None, "outdoor", None])]
         later[1].future.cancel()  # a request that gave up: dropped before the encoder runs
         batcher.submit(later)
@@ -430,5 +417,33 @@ def test_batcher_reports_a_failed_batch_to_each_request():
             with pytest.raises(RuntimeError, match="device lost"):
                 item.future.result(30)
         assert batcher.alive  # the worker survives and takes the next batch
+    finally:
+        batcher.close()
+
+
+def test_batcher_a_failing_target_fails_only_its_images():
+    from ram_edge.runtime.tagger import select_tags
+    from ram_edge.serving import Batcher, WorkItem
+
+    encoded = []
+
+    def encode(pixels):
+        encoded.append(len(pixels))
+        return pixels.reshape(len(pixels), -1)[:, :3] * 1.0
+
+    def decode(target, embeds):
+        if target == "broken":
+            raise ValueError("vocabulary embeddings are 4 wide but this bundle's model takes embed_dim=8")
+        return embeds
+
+    batcher = Batcher(encode, decode, lambda p, item: select_tags(p, 0.0, ["a", "b", "c"])[0], max_batch=3,
+                      max_wait_ms=60_000)
+    try:
+        items = [WorkItem(np.full((3, 2, 2), 0.5, np.float32), target=t) for t in (None, "broken", None)]
+        batcher.submit(items)
+        assert [len(items[i].future.result(30).tags) for i in (0, 2)] == [3, 3]
+        with pytest.raises(ValueError, match="embed_dim=8"):
+            items[1].future.result(30)
+        assert encoded == [3]  # one encoder call for the three
     finally:
         batcher.close()

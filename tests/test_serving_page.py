@@ -106,3 +106,74 @@ def test_upload_see_tags_switch_language(test_bundle, tmp_path):
             assert tag_texts(driver) == []
         finally:
             driver.quit()
+
+
+def test_type_your_own_tags_and_classes(openset_demo_bundle, tmp_path):
+    """The demo bundle has a text encoder and no Chinese names: your own tags are tagged, in either
+    language under their own names; classes are classified; clearing the tags returns to the model's."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ram_edge.runtime import Vocabulary
+
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(8).integers(0, 256, size=(120, 160, 3), dtype=np.uint8)).save(image)
+    mine = ["otter", "kayak", "paddle board"]
+    with Tagger(openset_demo_bundle) as tagger:
+        default = tagger.tag(str(image), threshold=0, top_k=10)
+        classes = tagger.classify(str(image), ["indoor", "outdoor", "underwater"])
+        tagger.set_vocabulary(Vocabulary.from_names(mine, tagger.text_encoder))
+        own = tagger.tag(str(image), threshold=0, top_k=10)
+
+    def zh_button(d):
+        return d.find_element(By.CSS_SELECTOR, '#lang [data-lang="zh"]')
+
+    with ServerThread(openset_demo_bundle) as server:
+        driver = start_browser(tmp_path / "profile")
+        try:
+            wait = WebDriverWait(driver, 60)
+            driver.get(server.url + "/")
+            wait.until(lambda d: "open-set" in d.find_element(By.ID, "model").text)
+            assert zh_button(driver).get_attribute("disabled")  # no Chinese names in this vocabulary
+            driver.find_element(By.ID, "own-threshold").click()
+            driver.execute_script("const r = document.getElementById('threshold'); r.value = '0';"
+                                  "r.dispatchEvent(new Event('input'));")
+            driver.find_element(By.ID, "custom-tags").send_keys("otter, kayak,  paddle board", Keys.ENTER)
+            driver.find_element(By.ID, "file").send_keys(str(image))
+
+            wait.until(lambda d: len(tag_texts(d)) == 3)
+            assert tag_texts(driver) == list(own.tags)
+            for li, p in zip(driver.find_elements(By.CSS_SELECTOR, "#tags li"), own.probabilities):
+                assert float(li.get_attribute("data-probability")) == pytest.approx(p, abs=1e-5)
+            assert driver.find_element(By.ID, "scope").text == "against your 3 tags"
+
+            # Your own tags keep their names in Chinese.
+            wait.until(lambda d: not zh_button(d).get_attribute("disabled"))
+            zh_button(driver).click()
+            wait.until(lambda d: zh_button(d).get_attribute("aria-pressed") == "true" and
+                       "3 tags in" in d.find_element(By.ID, "status").text)
+            assert tag_texts(driver) == list(own.tags)
+
+            driver.find_element(By.ID, "classes").send_keys("indoor, outdoor, underwater", Keys.ENTER)
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#class-list li")) == 3)
+            shown = driver.execute_script(
+                "return [...document.querySelectorAll('#class-list li')].map(e => [e.querySelector('.name')"
+                ".textContent, Number(e.dataset.probability)]);")
+            assert [name for name, _ in shown] == list(classes.labels)
+            assert [p for _, p in shown] == pytest.approx(classes.probabilities, abs=1e-5)
+            assert driver.find_element(By.ID, "classes-status").text == f"most likely: {classes.labels[0]}"
+
+            # Back to the model's own tags: English again, as there are no Chinese names.
+            box = driver.find_element(By.ID, "custom-tags")
+            box.clear()
+            box.send_keys(Keys.ENTER)
+            wait.until(lambda d: tag_texts(d) == list(default.tags))
+            assert zh_button(driver).get_attribute("disabled")
+            english = driver.find_element(By.CSS_SELECTOR, '#lang [data-lang="en"]')
+            assert english.get_attribute("aria-pressed") == "true"
+            assert driver.find_element(By.ID, "caption-box").get_attribute("hidden")  # no captioning here
+            severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+            assert not severe, severe
+        finally:
+            driver.quit()

@@ -1,5 +1,6 @@
 """``ram-tag ... --ray local|ADDRESS``: the Ray Data branch of ``ram-tag`` (``ram_edge.runtime.cli`` parses the
-flags and hands them here, importing this module only when ``--ray`` is given)."""
+flags and hands them here, importing this module only when ``--ray`` is given). ``--vocab DIR`` is loaded
+by every actor; ``--tags`` / ``--descriptions`` are built once on the driver."""
 
 from __future__ import annotations
 
@@ -9,9 +10,26 @@ import sys
 import warnings
 
 from ram_edge.runtime.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_SOME_FAILED, _error
+from ram_edge.vocabulary import Vocabulary
 
 #: Failures listed on stderr; the rest are in the output's ``error`` column.
 SHOWN_FAILURES = 20
+
+
+def build_vocabulary(args: argparse.Namespace) -> Vocabulary:
+    """``--tags`` / ``--descriptions``: the open-set vocabulary, built once here on the driver with the
+    bundle's text encoder (the job ships it to the model actors through the object store)."""
+    from ram_edge.runtime.text_encoder import TextEncoder
+    from ram_edge.runtime.vocab_cli import split_tags
+
+    names = split_tags(args.tags) if args.tags else None
+    if not args.quiet:
+        print("ram-tag: building the vocabulary with the bundle's text encoder", file=sys.stderr)
+    thresholds = args.thresholds or args.threshold
+    with TextEncoder(args.bundle, args.backend, args.providers, verify_files=not args.no_verify) as text:
+        if names is not None:
+            return Vocabulary.from_names(names, text, thresholds=thresholds, progress=not args.quiet)
+        return Vocabulary.from_descriptions(args.descriptions, text, thresholds=thresholds, progress=not args.quiet)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
         tagger_options["providers"] = args.providers
     if args.vocab:
         tagger_options["vocabulary"] = args.vocab
+    elif args.tags or args.descriptions:
+        try:
+            tagger_options["vocabulary"] = build_vocabulary(args)
+        except (BundleError, ValueError) as e:
+            return _error(str(e))
     options = TagJobOptions(
         threshold=args.threshold, top_k=args.top_k, lang=args.lang,
         batch_size=args.batch_size or TagJobOptions.batch_size,

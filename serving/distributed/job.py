@@ -13,9 +13,9 @@ default to ``max_restarts=-1`` / ``max_task_retries=-1``), and a write task that
 same file name, so every input ends up in exactly one row. ``resume=True`` reads the ``path`` column of
 the shards already in ``out`` and tags only the rest.
 
-Phase 2 (open-set vocabularies, captions, classification) adds columns to :data:`OUTPUT_SCHEMA`
-(``caption``, ``classes``) and stages after the encoder; the row contract stays: ``path`` + results, or
-``path`` + ``error``.
+Open-set vocabularies are a ``vocabulary`` of ``TagJobOptions.tagger_options``. Captions and
+classification would add columns to :data:`OUTPUT_SCHEMA` (``caption``, ``classes``); the row contract
+stays: ``path`` + results, or ``path`` + ``error``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from .sources import LOCAL, Source, is_uri, list_sources
 logger = logging.getLogger(__name__)
 
 #: The columns of every shard. ``tags`` / ``probabilities`` are null and ``error`` says why for inputs
-#: that could not be tagged. Phase 2 appends ``caption`` (string) and ``classes`` (list<string>).
+#: that could not be tagged. Captioning and classification would append ``caption`` (string) and ``classes``.
 OUTPUT_SCHEMA = pa.schema([
     pa.field("path", pa.string(), nullable=False),
     pa.field("tags", pa.list_(pa.string())),
@@ -79,7 +79,9 @@ class TagJobOptions:
     cpus_per_actor:  CPUs reserved per actor (= onnxruntime intra-op threads on CPU); None: chosen by
                      :func:`plan_actor_pool`.
     tagger_options:  keyword arguments for :class:`Tagger` (backend, providers, vocabulary, verify_files,
-                     backend_options, resize, exif_transpose, alpha, max_pixels).
+                     backend_options, resize, exif_transpose, alpha, max_pixels). ``vocabulary`` may be
+                     a folder (every actor loads it) or a :class:`Vocabulary` built here, e.g. an open-set
+                     one from ``Vocabulary.from_names`` (shipped to the actors through the object store).
     rows_per_block:  inputs per Ray Data block (the unit of reading, retry and output shard); None:
                      enough blocks to keep every CPU busy, at most 1,000 rows each.
     """
@@ -171,7 +173,10 @@ class TagImages:
 
     def __init__(self, bundle: str, tagger_options: Mapping[str, Any], threshold: Optional[float],
                  top_k: Optional[int], lang: str):
-        self.tagger = Tagger(bundle, **dict(tagger_options))
+        tagger_options = dict(tagger_options)
+        if isinstance(tagger_options.get("vocabulary"), ray.ObjectRef):  # built on the driver (build_dataset)
+            tagger_options["vocabulary"] = ray.get(tagger_options["vocabulary"])
+        self.tagger = Tagger(bundle, **tagger_options)
         self.names = self.tagger.vocabulary.display_names(lang)
         self.threshold, self.top_k = threshold, top_k
 
@@ -283,6 +288,9 @@ def build_dataset(bundle: str, sources: Sequence[Source], filesystems: Mapping[s
     resources = ray.cluster_resources()
     plan = plan_actor_pool(resources, options.num_actors, options.cpus_per_actor)
     tagger_options = dict(options.tagger_options)
+    if isinstance(tagger_options.get("vocabulary"), Vocabulary):
+        # One copy in the object store (per node), not one inside every actor's constructor arguments.
+        tagger_options["vocabulary"] = ray.put(tagger_options["vocabulary"])
     if plan.intra_op_threads and tagger_options.get("backend", "onnxruntime") == "onnxruntime":
         tagger_options.setdefault("intra_op_threads", plan.intra_op_threads)
     block = _rows_per_block(len(sources), options.batch_size, max(1, int(resources.get("CPU", 1))),
