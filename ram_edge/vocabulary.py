@@ -20,6 +20,11 @@ Per-tag arrays are data the decoder needs for each tag besides its embeddings, f
 their own names: Tag2Text's classifier rows ``label_fc_weight`` (T, H) and ``label_fc_bias`` (T,).
 RAM and RAM++ vocabularies have none. Files without the key (and readers that ignore it) keep working.
 
+Names are unique, except in a learned table whose classes share names (Tag2Text's 3,429 tags hold 114
+names twice, e.g. "smile" the noun and the verb): built with ``unique_names=False`` (saved as
+``"unique_names": false``), such a vocabulary keeps upstream's names, and a name that stands for
+several tags is refused where a name must pick one (``index``, ``subset`` by name; select by index).
+
 In memory the embeddings are held once as a C-contiguous float32 (T, D, E) array, with the (T, D) bool
 mask beside it: exactly what the decoder graph takes, so a backend can bind them once per vocabulary
 instead of converting them on every call. Both arrays are read-only.
@@ -82,8 +87,9 @@ class Vocabulary:
 
     ``thresholds`` are per-tag decision thresholds on the sigmoid probability (``None``: use the
     bundle's default). ``names_zh`` are Chinese display names. ``per_tag`` maps names to (T, ...) float
-    arrays the decoder takes for each tag (Tag2Text's ``label_fc_weight`` / ``label_fc_bias``). Invalid
-    input raises ``ValueError``.
+    arrays the decoder takes for each tag (Tag2Text's ``label_fc_weight`` / ``label_fc_bias``).
+    ``unique_names=False`` admits names shared by several tags (a learned table's classes, see the module
+    docstring). Invalid input raises ``ValueError``.
     """
 
     def __init__(
@@ -96,8 +102,10 @@ class Vocabulary:
         num_descriptions: Optional[Sequence[int]] = None,
         info: Optional[Mapping[str, Any]] = None,
         per_tag: Optional[Mapping[str, Any]] = None,
+        unique_names: bool = True,
     ):
-        self._names: List[str] = _check_names(names, "names")
+        self._unique_names = bool(unique_names)
+        self._names: List[str] = _check_names(names, "names", unique=self._unique_names)
         self._info: Dict[str, Any] = dict(info or {})
         num_tags = len(self._names)
         self._names_zh: Optional[List[str]] = None
@@ -170,6 +178,11 @@ class Vocabulary:
         return self._embeddings.shape[0]
 
     @property
+    def unique_names(self) -> bool:
+        """False for a learned table whose names may repeat (see the module docstring)."""
+        return self._unique_names
+
+    @property
     def per_tag(self) -> Dict[str, np.ndarray]:
         """Per-tag arrays by name, each (T, ...) float32, C-contiguous, read-only (empty for RAM / RAM++)."""
         return dict(self._per_tag)
@@ -215,15 +228,24 @@ class Vocabulary:
         return np.full(self.num_tags, default, dtype=np.float32)
 
     def index(self, name: str) -> int:
+        """The position of the tag called ``name``; a name several tags share is refused (KeyError)."""
         try:
-            return self._name_to_index()[name]
+            i = self._name_to_index()[name]
         except KeyError:
             raise KeyError(f"tag {name!r} is not in this vocabulary") from None
+        if i < 0:
+            where = [j for j, n in enumerate(self._names) if n == name]
+            raise KeyError(f"tag name {name!r} stands for {len(where)} tags of this vocabulary (positions "
+                           f"{', '.join(map(str, where))}); select them by index")
+        return i
 
     def _name_to_index(self) -> Dict[str, int]:
+        """name -> position, or -1 for a name several tags share."""
         cache = getattr(self, "_index_cache", None)
         if cache is None:
-            cache = {n: i for i, n in enumerate(self._names)}
+            cache = {}
+            for i, n in enumerate(self._names):
+                cache[n] = -1 if n in cache else i
             self._index_cache = cache
         return cache
 
@@ -256,6 +278,7 @@ class Vocabulary:
             num_descriptions=counts,
             info={**self._info, "subset_of": self._info.get("recipe", "vocabulary"), "recipe": "subset"},
             per_tag={name: array[idx] for name, array in self._per_tag.items()},
+            unique_names=self._unique_names,
         )
 
     @classmethod
@@ -280,7 +303,10 @@ class Vocabulary:
                              "different text encoders")
         _check_same_per_tag(vocabularies)
         names = [n for v in vocabularies for n in v._names]
-        _refuse_duplicates(names, "Vocabulary.concat")
+        # Parts of learned tables whose names repeat (all built with unique_names=False) may share names.
+        unique = any(v._unique_names for v in vocabularies)
+        if unique:
+            _refuse_duplicates(names, "Vocabulary.concat")
         depth = max(v.max_descriptions for v in vocabularies)
         embeddings = np.zeros((len(names), depth, widths[0]), dtype=np.float32)
         row = 0
@@ -299,6 +325,7 @@ class Vocabulary:
             info={"recipe": "concat", "parts": [{"num_tags": v.num_tags, **v._info} for v in vocabularies]},
             per_tag={name: np.concatenate([v._per_tag[name] for v in vocabularies])
                      for name in vocabularies[0]._per_tag},
+            unique_names=unique,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -412,6 +439,8 @@ class Vocabulary:
             "embed_dim": int(self.embed_dim),
             "dtype": dtype,
         }
+        if not self._unique_names:
+            meta["unique_names"] = False
         if self._per_tag:
             meta["per_tag"] = {name: {"shape": list(array.shape[1:]), "dtype": dtype}
                                for name, array in self._per_tag.items()}
@@ -485,6 +514,7 @@ class Vocabulary:
                 num_descriptions=counts,
                 info=meta.get("info") if isinstance(meta.get("info"), dict) else None,
                 per_tag=per_tag,
+                unique_names=meta.get("unique_names", True) is not False,
             )
         except ValueError as e:
             raise ValueError(f"{directory}: {e}") from e
@@ -565,7 +595,7 @@ def _load_per_tag(directory: Path, listed: Any, num_tags: int) -> Dict[str, np.n
     return arrays
 
 
-def _check_names(names: Sequence[str], field: str) -> List[str]:
+def _check_names(names: Sequence[str], field: str, unique: bool = True) -> List[str]:
     if isinstance(names, str):
         raise ValueError(f"Vocabulary: {field} must be a sequence of strings, not one string")
     result = list(names)
@@ -574,7 +604,8 @@ def _check_names(names: Sequence[str], field: str) -> List[str]:
     for i, n in enumerate(result):
         if not isinstance(n, str) or not n.strip():
             raise ValueError(f"Vocabulary: {field}[{i}] is {n!r}; tag names are non-empty strings")
-    _refuse_duplicates(result, "Vocabulary")
+    if unique:
+        _refuse_duplicates(result, "Vocabulary")
     return result
 
 
