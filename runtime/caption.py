@@ -33,7 +33,6 @@ encoder states are expanded twice; see golden/tag2text_tiny_384.json ``batched_q
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -42,8 +41,6 @@ import numpy as np
 
 from .backends import open_graph
 from .bundle import BundleInfo, CaptionInfo, check_backend_io
-
-log = logging.getLogger(__name__)
 
 #: What upstream's ``inference_tag2text.py`` treats as "no user tags" (then the predicted tags are used).
 NO_USER_TAGS = ("none", "None")
@@ -202,6 +199,15 @@ def apply_repetition_penalty(scores: np.ndarray, sequences: np.ndarray, penalty:
     return scores
 
 
+@dataclass(frozen=True)
+class CaptionRequest:
+    """What to caption with, for a run over many files (``tag_files``, ``ram-tag --caption``): one tag
+    string for every image (None: each image's predicted tags) and the search settings."""
+
+    tags: Optional[str]
+    settings: SearchSettings
+
+
 @dataclass
 class _Hypotheses:
     """One image's finished hypotheses: transformers' ``BeamHypotheses`` (length_penalty 1,
@@ -322,10 +328,6 @@ class Captioner:
         if len(tag_strings) != image_embeds.shape[0]:
             raise ValueError(f"{len(tag_strings)} tag strings for {image_embeds.shape[0]} images")
         cross, truncated = self.encode_tags(image_embeds, tag_strings)
-        for tags, cut in zip(tag_strings, truncated):
-            if cut:
-                log.warning("caption tags longer than the %d-token tag prompt were truncated, as upstream does: %.80s",
-                            self.info.tag_max_length, tags)
         sequences = self.search(cross, settings)
         prompt_chars = len(self.info.prompt)
         return [CaptionResult(self.tokenizer.decode(ids)[prompt_chars:], tuple(int(i) for i in ids), tags, cut)
@@ -458,4 +460,4 @@ def tag_strings_for(predicted: Sequence[str], user: Sequence[Optional[str]]) -> 
     return [p if is_empty_user_tags(u) else user_tag_string(u) for p, u in zip(predicted, user)]
 
 
-__all__ = ["CaptionResult", "CaptionTokenizer", "Captioner", "SearchSettings", "tag_strings_for"]
+__all__ = ["CaptionRequest", "CaptionResult", "CaptionTokenizer", "Captioner", "SearchSettings", "tag_strings_for"]

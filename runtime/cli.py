@@ -30,6 +30,7 @@ examples:
   ram-tag bundle/ photos/ --tags "otter,kayak,paddle board"        # open-set tags, built on the fly
   ram-tag bundle/ photos/ --classify "cat,dog,bird"                 # zero-shot: one label per image
   ram-tag bundle/ photos/ --format prompt                           # Grounding DINO prompts
+  ram-tag tag2text_bundle/ photos/ --caption --format jsonl         # tags and a caption per image
 """
 
 EPILOG = """\
@@ -47,6 +48,11 @@ of "tags"; --top-k keeps that many classes (default: all).
 
 A tag is listed when its probability is above the threshold (default: the vocabulary's per-tag
 thresholds, else the bundle's default), most probable first, at most --top-k.
+
+With --caption every record also holds "caption" (json / jsonl), a caption column (csv), or the
+caption after one more TAB (text, prompt). Captions are made from the tags the vocabulary's own
+thresholds select (not --threshold / --top-k), or from --caption-tags, as upstream's Tag2Text does;
+the bundle needs the captioning graphs (Tag2Text; RAM exported with --captioning).
 
 --resume reads --out, skips every path it already holds (failed ones too: delete their lines to retry)
 and appends the rest. Inputs that fail (unreadable, not an image, truncated, too large) are reported
@@ -81,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one probability threshold in [0, 1] for every tag (default: per-tag thresholds)")
     g.add_argument("--top-k", type=int, metavar="K", help="at most K tags per image")
     g.add_argument("--lang", choices=("en", "zh"), default="en", help="tag names in English or Chinese")
+    g = p.add_argument_group("captions (Tag2Text; RAM exported with --captioning)")
+    g.add_argument("--caption", action="store_true", help="add a caption to every record")
+    g.add_argument("--caption-tags", metavar="TAGS",
+                   help='caption every image from these tags instead of its predicted ones, e.g. "dog, frisbee" '
+                        "(implies --caption; empty: the predicted ones)")
+    g.add_argument("--num-beams", type=int, metavar="N",
+                   help="caption search: beams (default the bundle's, upstream's 3; 1 = greedy)")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, default="text", help="output format (default: text)")
     g.add_argument("--out", metavar="FILE", help="write results to FILE (default: standard output)")
@@ -118,10 +131,14 @@ def to_record(item: FileResult) -> Dict[str, object]:
     if item.error is not None:
         return {"path": item.path, "error": item.error}
     if item.classes is not None:
-        return {"path": item.path, "classes": list(item.classes.labels),
-                "probabilities": [round(p, 4) for p in item.classes.probabilities]}
-    return {"path": item.path, "tags": list(item.result.tags),
-            "probabilities": [round(p, 4) for p in item.result.probabilities]}
+        record = {"path": item.path, "classes": list(item.classes.labels),
+                  "probabilities": [round(p, 4) for p in item.classes.probabilities]}
+    else:
+        record = {"path": item.path, "tags": list(item.result.tags),
+                  "probabilities": [round(p, 4) for p in item.result.probabilities]}
+    if item.caption is not None:
+        record["caption"] = item.caption.text
+    return record
 
 
 def _labels(item: FileResult):
@@ -134,11 +151,13 @@ def _labels(item: FileResult):
 class Writer:
     """Writes records in one format; ``write`` flushes so that finished batches survive a crash."""
 
-    def __init__(self, stream: TextIO, fmt: str, fresh: bool, json_prefix: Sequence[Dict[str, object]] = ()):
+    def __init__(self, stream: TextIO, fmt: str, fresh: bool, json_prefix: Sequence[Dict[str, object]] = (),
+                 caption: bool = False):
         self.stream, self.fmt = stream, fmt
         self._count = 0
         if fmt == "csv":
-            self._csv = csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
+            fields = CSV_FIELDS + (("caption",) if caption else ())
+            self._csv = csv.DictWriter(stream, fieldnames=fields, lineterminator="\n")
             if fresh:
                 self._csv.writeheader()
         if fmt == "json":
@@ -159,12 +178,15 @@ class Writer:
             elif self.fmt == "json":
                 self._write_json(record)
             elif self.fmt == "csv":
-                self._csv.writerow({
+                row = {
                     "path": item.path,
                     "tags": CSV_SEPARATOR.join(record.get("tags", record.get("classes", []))),
                     "probabilities": CSV_SEPARATOR.join(f"{p:.4f}" for p in record.get("probabilities", [])),
                     "error": item.error or "",
-                })
+                }
+                if "caption" in self._csv.fieldnames:
+                    row["caption"] = record.get("caption", "")
+                self._csv.writerow(row)
             else:
                 if item.error is not None:
                     body = f"error: {item.error}"
@@ -172,6 +194,8 @@ class Writer:
                     body = item.result.as_prompt()
                 else:
                     body = ", ".join(f"{t} ({p:.3f})" for t, p in zip(*_labels(item)))
+                if item.caption is not None:
+                    body += f"\t{item.caption.text}"
                 self.stream.write(f"{item.path}\t{body}\n")
         self.stream.flush()
 
@@ -241,6 +265,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error("--thresholds applies to --tags or --descriptions")
     if args.classify and args.format == "prompt":
         return _error("--format prompt lists tags; it cannot be used with --classify")
+    if args.caption_tags is not None:
+        args.caption = True
+    if args.num_beams is not None and not args.caption:
+        return _error("--num-beams applies to captions: add --caption")
+    if args.num_beams is not None and args.num_beams < 1:
+        return _error(f"--num-beams must be >= 1, got {args.num_beams}")
     tag_names = classes = None
     try:
         from .vocab_cli import split_tags
@@ -309,6 +339,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         tagger.text_encoder, thresholds=thresholds, progress=not args.quiet))
         if classes is not None:
             tagger.class_embeddings(classes)
+        caption = None
+        if args.caption:  # load the captioning graphs now: a bundle without them fails before any image
+            from .caption import CaptionRequest
+
+            caption = CaptionRequest(args.caption_tags, tagger.captioner.settings(num_beams=args.num_beams))
     except (BundleError, ValueError) as e:
         tagger.close()
         return _error(str(e))
@@ -326,7 +361,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         stream = open(out_path, mode, encoding="utf-8", newline="" if args.format == "csv" else None)
     else:
         stream = sys.stdout
-    writer = Writer(stream, args.format, fresh=fresh, json_prefix=json_prefix)
+    writer = Writer(stream, args.format, fresh=fresh, json_prefix=json_prefix, caption=caption is not None)
 
     num_failed = num_done = 0
 
@@ -345,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar = tqdm(total=len(paths) + len(failures), unit="img", file=sys.stderr, disable=args.quiet,
                dynamic_ncols=True)
     batches = tag_files(tagger, paths, batch_size=args.batch_size, threshold=args.threshold, top_k=args.top_k,
-                        lang=args.lang, workers=args.workers, classify=classes)
+                        lang=args.lang, workers=args.workers, classify=classes, caption=caption)
     try:
         if failures:
             report(failures, bar)
