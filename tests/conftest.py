@@ -282,3 +282,20 @@ def golden_bundle(reference, tmp_path_factory) -> Callable[[str], tuple]:
         return exported[name]
 
     return export
+
+
+@pytest.fixture(scope="session")
+def tag2text_bundle(reference, tmp_path_factory) -> tuple:
+    """(bundle folder, golden arrays, golden json) for ``golden/tag2text_tiny_384.pth`` exported with
+    ``ram_edge.export.export_bundle`` (fp32, its 3,429 tags, tagging and captioning graphs; the BERT
+    heads from the json, as they are not in the weights), once per test session. Skips without torch."""
+    pytest.importorskip("torch", reason="the export side (torch) is not installed")
+    from ram_edge.export.bundle import export_bundle
+    from ram_edge.models.checkpoint import load_checkpoint
+
+    golden = reference / "golden"
+    meta = json.loads((golden / "tag2text_tiny_384.json").read_text(encoding="utf-8"))
+    model = load_checkpoint(golden / "tag2text_tiny_384.pth", caption_heads=meta["med"]["num_attention_heads"])
+    bundle = tmp_path_factory.mktemp("tag2text") / "tag2text_tiny_384"
+    export_bundle(model, bundle, source="tag2text_tiny_384.pth")
+    return bundle, np.load(golden / "tag2text_tiny_384.npz"), meta
