@@ -407,3 +407,23 @@ def test_ram_tag_caption_in_every_format(tag2text_bundle, reference, tmp_path):
 def _tags(bundle, reference):
     with Tagger(bundle, verify_files=False) as tagger:
         return tagger.tag([reference / "images" / name for name in IMAGES])
+
+
+def test_fp16_captioning_graphs(tmp_path, reference):
+    """fp16 bundles carry fp16 captioning graphs (inputs and outputs stay float32), verified against torch
+    at export; int8-dynamic bundles keep them fp32 (dynamic int8 moved step logits by ~10)."""
+    pytest.importorskip("torch")
+    from ram_edge.export import export_bundle
+    from ram_edge.export.precision import CAPTION_PRECISION, CAPTION_TOLERANCE
+    from ram_edge.models import demo_model
+
+    assert CAPTION_PRECISION == {"fp32": "fp32", "fp16": "fp16", "int8-dynamic": "fp32"}
+    model = demo_model("tag2text_tiny_384", seed=4, num_tags=20)
+    manifest = export_bundle(model, tmp_path / "b", precision="fp16", source="demo:seed=4").manifest
+    caption = manifest["caption"]
+    assert caption["precision"] == "fp16" and caption["verification"]["passed"]
+    assert 0 < caption["verification"]["step_logits_max_abs_error"] <= CAPTION_TOLERANCE["fp16"]
+    assert manifest["vocabulary"]["excluded_tags"] == []  # a 20-tag demo list: upstream's indices do not apply
+    with Tagger(tmp_path / "b") as tagger:
+        result = tagger.caption(reference / "images" / IMAGES[0], num_beams=1)
+    assert result.token_ids[:4] == tuple(caption["prompt_ids"]) and len(result.token_ids) <= 30

@@ -207,3 +207,24 @@ def test_subset_carries_per_tag_rows_and_concat_refuses_mixing():
         Vocabulary.concat(vocab, plain)
     with pytest.raises(ValueError, match=r"part 0 has per-tag arrays none and part 1 has label_fc_weight"):
         Vocabulary.concat(plain, vocab)
+
+
+def test_learned_tables_may_repeat_names_when_asked(tmp_path):
+    with pytest.raises(ValueError, match=r"duplicate tag names 'smile'"):
+        Vocabulary(["smile", "cat", "smile"], np.ones((3, 2)))  # words: still refused
+    vocab = Vocabulary(["smile", "cat", "smile"], np.arange(6.0).reshape(3, 2), unique_names=False)
+    assert not vocab.unique_names and vocab.index("cat") == 1
+    with pytest.raises(KeyError, match=r"tag name 'smile' stands for 2 tags of this vocabulary \(positions 0, 2\); "
+                                       r"select them by index"):
+        vocab.index("smile")
+    part = vocab.subset([2, 1])
+    assert part.names == ["smile", "cat"] and not part.unique_names
+    np.testing.assert_array_equal(part.embeddings[:, 0], [[4.0, 5.0], [2.0, 3.0]])
+    vocab.save(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "vocabulary.json").read_text(encoding="utf-8"))
+    assert meta["unique_names"] is False and meta["names"] == ["smile", "cat", "smile"]
+    assert not Vocabulary.load(tmp_path / "v").unique_names
+    # Parts of one learned table join with their shared names; a part of words keeps the rule.
+    assert Vocabulary.concat(vocab.subset([0]), vocab.subset([2])).names == ["smile", "smile"]
+    with pytest.raises(ValueError, match=r"Vocabulary.concat: duplicate tag names 'smile'"):
+        Vocabulary.concat(vocab, Vocabulary(["smile"], np.ones((1, 2))))
