@@ -352,16 +352,17 @@ def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
         (label_mask, (None, None), np.bool_),
         (logits, (None, None), np.float32),
     ]
-    # Per-tag inputs (Tag2Text's classifier rows): float32, one row per tag.
-    expectations += [(t, (None,) + tuple(t.shape[1:]), np.float32) for t in info.decoder.inputs[3:]]
     for tensor, shape, dtype in expectations:
-        if not _dims_agree(tensor.shape, shape) or tensor.dtype != np.dtype(dtype) or (
-                tensor in info.decoder.inputs[3:] and isinstance(tensor.shape[0], int)):
+        if not _dims_agree(tensor.shape, shape) or tensor.dtype != np.dtype(dtype):
             raise BundleError(
                 f"{where}: graph tensor {tensor.describe()} disagrees with the model section "
                 f"(expected {np.dtype(dtype).name} {_fmt(shape)} for image_size={S}, embed_dim={E}, "
                 f"image embeddings {W} wide, num_image_tokens={info.num_image_tokens}). Re-run `ram-export`."
             )
+    for tensor in info.decoder.inputs[3:]:  # per-tag inputs (Tag2Text's classifier rows): float32, rows = tags
+        if tensor.dtype != np.dtype(np.float32) or not tensor.shape or isinstance(tensor.shape[0], int):
+            raise BundleError(f"{where}: decoder input {tensor.describe()} should be a float32 per-tag array, one "
+                              "row per tag (a dynamic first axis). Re-run `ram-export`.")
     if info.caption is not None:
         _check_caption_shapes(info, where)
     if info.text_encoder is not None:
