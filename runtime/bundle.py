@@ -72,6 +72,8 @@ class CaptionInfo:
     min_length: int
     repetition_penalty: float
     vocab_size: int
+    #: Positions the text decoder has (its position embeddings): the longest caption it can make.
+    max_positions: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +262,7 @@ def _caption_info(manifest: Mapping, graphs: Mapping, bundle_dir: Path, where: P
         min_length=get(search, "min_length", int, "caption.search."),
         repetition_penalty=float(get(search, "repetition_penalty", (int, float), "caption.search.")),
         vocab_size=get(caption, "vocab_size", int, "caption."),
+        max_positions=(caption.get("cache") or {}).get("max_positions"),
     )
     if not (0 < len(info.prompt_ids) < info.min_length <= info.max_length) or info.num_beams < 1 or info.tag_max_length < 2:
         raise BundleError(f"{where}: caption section has inconsistent lengths (prompt {len(info.prompt_ids)}, min_length "

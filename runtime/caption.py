@@ -263,8 +263,6 @@ class Captioner:
             raise
         cache = info.text_decoder.inputs[2].shape  # (layers, 2, batch, heads, past, head_dim)
         self._cache_dims = (int(cache[0]), 2, int(cache[3]), int(cache[5]))
-        caption = bundle.manifest.get("caption", {})
-        self._max_positions = (caption.get("cache") or {}).get("max_positions")
 
     def _open(self, path: Path, backend: str, options: Mapping[str, Any]):
         graph = open_graph(backend, path, options)
@@ -288,7 +286,7 @@ class Captioner:
             repetition_penalty=info.repetition_penalty if repetition_penalty is None else float(repetition_penalty),
             legacy_scoring=bool(legacy_scoring),
         )
-        settings.check(len(info.prompt_ids), self._max_positions)
+        settings.check(len(info.prompt_ids), info.max_positions)
         return settings
 
     # -- graphs --------------------------------------------------------------------------------------
