@@ -14,12 +14,18 @@ skipped with a note), it measures after ``--warmup`` calls:
   are synthesized: random unit-norm rows with the bundle's descriptions per tag), with a linear fit;
 * swapping in a ``--swap-tags`` vocabulary (building the float32 arrays, binding them, first call);
 * the machine's matmul peak (best of ``--peak-repeats`` large sgemm calls in onnxruntime and torch), and
-  each stage's achieved GFLOP/s from MACs counted off the model configuration.
+  each stage's achieved GFLOP/s from MACs counted off the model configuration;
+* memory per engine: what loading it added to the process (RSS) and the peak working memory of one
+  batch-1 image through encoder and decoder at the bundle's vocabulary (the kernel's high-water mark,
+  reset before each engine), and the whole run's peak RSS.
 
 Engines are measured interleaved (one call of each per round), so a load change on the machine hits
 all of them alike and the ratios stay meaningful. The torch eager fp32 model is rebuilt from the
 bundle's manifest (demo weights) or ``--checkpoint``. Writes ``latency.json`` and two PNG plots to
-``--out``. See docs/performance.md for the numbers and how to read them.
+``--out`` (default ``benchmarks/results/``, ignored by git); ``--demo`` bundles are exported once into
+``--cache-dir`` (default ``~/.cache/ram-edge/bench``) and reused. The default run on the tiny preset
+(``--demo ram_plus_tiny_384 --num-tags 200``) stays under 4 GB; add ``--tags ... 20000`` for the large
+vocabulary point. See docs/performance.md for the numbers and how to read them.
 
 ``--caption`` measures the caption stage instead (bundles with captioning graphs, e.g. ``--demo
 tag2text_swin_b_384``): the tag encoder, the text decoder's step at every position of a caption (the
@@ -49,6 +55,8 @@ from ram_edge.runtime.tagger import select_tags, sigmoid
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_IMAGE = REPO / "examples" / "images" / "demo4.jpg"
+DEFAULT_OUT = REPO / "benchmarks" / "results"
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ram-edge" / "bench"
 STAGES = ("preprocess", "encoder", "decoder", "postprocess")
 PERCENTILES = (50, 90, 99)
 
@@ -218,6 +226,72 @@ def matmul_peak(threads: Optional[int], repeats: int, shape: Tuple[int, int, int
     except ImportError:
         pass
     out["peak_gflops"] = max(v for key, v in out.items() if key.endswith("_gflops"))
+    return out
+
+
+# -- memory ------------------------------------------------------------------------------------------
+
+
+def _status_kib(field_name: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def rss_mib() -> Optional[float]:
+    """The process's resident set now (Linux), MiB."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib / 1024
+
+
+def peak_rss_mib() -> Optional[float]:
+    """The high-water mark of this process's RSS, MiB."""
+    kib = _status_kib("VmHWM")
+    if kib is None:
+        import resource
+
+        kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kib / 1024
+
+
+def memory_probe(spec: dict) -> dict:
+    """Run in a fresh interpreter (``--memory-probe``): load one engine, then one batch-1 image through its
+    encoder and decoder at the bundle's vocabulary. Returns the RSS after import, after loading and the
+    peak; a fresh process, because an allocator that already holds freed memory hides new allocations."""
+    from ram_edge.runtime.preprocess import Preprocessor
+    from ram_edge.vocabulary import Vocabulary
+
+    bundle = load_bundle(Path(spec["bundle"]))
+    base = rss_mib()
+    if spec["kind"] == "torch":
+        engine = TorchEngine(bundle, spec["threads"], spec.get("checkpoint"))
+    else:
+        engine = OrtEngine(bundle, spec["providers"], spec["name"], spec["threads"], tuned=spec.get("tuned", True))
+    vocab = Vocabulary.load(bundle.path / bundle.manifest["vocabulary"]["dir"])
+    engine.set_vocabulary(vocab.embeddings, vocab.mask)
+    loaded = rss_mib()
+    pixels = Preprocessor(bundle.manifest["model"]["image_size"], exif_transpose=False)(Path(spec["image"]).read_bytes())[None]
+    engine.decode(engine.encode(pixels))
+    return {"base_mib": base, "loaded_mib": loaded - base, "peak_mib": peak_rss_mib(),
+            "working_peak_mib": max(0.0, peak_rss_mib() - loaded)}
+
+
+def measure_memory(specs: List[dict]) -> Dict[str, dict]:
+    """``memory_probe`` of every engine, each in its own process (sequentially, so they do not compete)."""
+    out = {}
+    for spec in specs:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--memory-probe", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            out[spec["name"]] = {"error": proc.stderr.strip().splitlines()[-1:] or ["failed"]}
+            log(f"memory probe {spec['name']} failed: {out[spec['name']]['error']}")
+            continue
+        out[spec["name"]] = json.loads(proc.stdout.strip().splitlines()[-1])
+        log(f"  {spec['name']}: loaded +{out[spec['name']]['loaded_mib']:.0f} MiB, peak {out[spec['name']]['peak_mib']:.0f} MiB")
     return out
 
 
@@ -517,7 +591,15 @@ def build_report(rec: Recorder, engines, baseline: Optional[str], config: dict, 
     return report
 
 
+def _machine_title(report: dict) -> str:
+    machine = report.get("machine", {})
+    return f"{machine.get('Model name', platform.machine())}, {machine.get('threads') or machine.get('cpu_count')} threads"
+
+
 def plot(report: dict, out_dir: Path) -> List[str]:
+    """latency_vs_tags.png (decoder time over vocabulary sizes on a log axis, with the linear fit over the
+    measured range) and latency_vs_batch.png (per-image time by batch size: grouped bars for a few batch
+    sizes, a line for many)."""
     try:
         import matplotlib
 
@@ -528,19 +610,22 @@ def plot(report: dict, out_dir: Path) -> List[str]:
         return []
     written = []
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    machine = _machine_title(report)
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for engine in sorted({r["engine"] for r in rows if r["sweep"] == "tags"}):
         pts = sorted((r["tags"], r["p50"] * 1e3) for r in rows if r["sweep"] == "tags" and r["engine"] == engine and r["stage"] == "decoder")
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, "o-", label=engine)
+        line, = ax.plot(xs, ys, "o-", label=engine)
         fit = report["decoder_linear_fit"].get(engine)
-        if fit and np.isfinite(fit["slope"]):
-            grid = np.linspace(0, max(xs), 50)
-            ax.plot(grid, (fit["slope"] * grid + fit["intercept"]) * 1e3, ":", color=ax.lines[-1].get_color(), alpha=0.6)
-    ax.set_xlabel("vocabulary size (tags)")
-    ax.set_ylabel("decoder p50 latency (ms), batch 1")
-    ax.set_title("Decoder latency vs vocabulary size (dotted: linear fit)")
-    ax.grid(alpha=0.3)
+        if fit and np.isfinite(fit["slope"]) and len(xs) > 1:
+            grid = np.geomspace(min(xs), max(xs), 50)
+            ax.plot(grid, np.maximum(0.0, fit["slope"] * grid + fit["intercept"]) * 1e3, ":",
+                    color=line.get_color(), alpha=0.7)
+    ax.set_xscale("log")
+    ax.set_xlabel("vocabulary size (tags, log scale)")
+    ax.set_ylabel("decoder p50 (ms), batch 1")
+    ax.set_title(f"Decoder latency vs vocabulary size (dotted: linear fit)\n{machine}", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "latency_vs_tags.png"
@@ -548,16 +633,26 @@ def plot(report: dict, out_dir: Path) -> List[str]:
     plt.close(fig)
     written.append(str(path))
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for engine in sorted({r["engine"] for r in rows if r["sweep"] == "pipeline"}):
-        pts = sorted((r["batch"], r["p50"] * 1e3 / r["batch"]) for r in rows if r["sweep"] == "pipeline" and r["engine"] == engine and r["stage"] == "total")
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, "o-", label=engine)
-    ax.set_xlabel("batch size")
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    engines = sorted({r["engine"] for r in rows if r["sweep"] == "pipeline"})
+    batches = sorted({r["batch"] for r in rows if r["sweep"] == "pipeline"})
+    per_image = {(r["engine"], r["batch"]): r["p50"] * 1e3 / r["batch"] for r in rows
+                 if r["sweep"] == "pipeline" and r["stage"] == "total"}
+    if len(batches) <= 3:  # a few batch sizes: grouped bars, one group per batch size
+        width = 0.8 / max(1, len(engines))
+        for i, engine in enumerate(engines):
+            xs = [j + i * width for j in range(len(batches))]
+            bars = ax.bar(xs, [per_image.get((engine, b), np.nan) for b in batches], width, label=engine)
+            ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        ax.set_xticks([j + width * (len(engines) - 1) / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
+    else:
+        for engine in engines:
+            ax.plot(batches, [per_image.get((engine, b), np.nan) for b in batches], "o-", label=engine)
+        ax.set_xticks(batches)
+        ax.set_xlabel("batch size")
     ax.set_ylabel("end-to-end p50 per image (ms)")
-    ax.set_title(f"Latency per image vs batch ({report['main']['tags']} tags)")
-    ax.set_xscale("log", base=2)
-    ax.grid(alpha=0.3)
+    ax.set_title(f"Latency per image vs batch ({report['main']['tags']} tags)\n{machine}", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "latency_vs_batch.png"
@@ -582,6 +677,16 @@ def print_tables(report: dict, peak: dict) -> None:
                 print(f"{engine:34s}" + "".join(f"{values.get(s, float('nan')):11.2f}x" for s in stages))
     for engine, fit in report["decoder_linear_fit"].items():
         print(f"decoder fit {engine}: {fit['ms_per_1000_tags']:.1f} ms per 1000 tags + {fit['intercept'] * 1e3:.1f} ms, R^2 {fit['r2']:.4f}")
+    memory = report.get("memory_mib")
+    if memory:
+        print(f"memory, each engine alone in a fresh process, one image (MiB; this whole run peaked at "
+              f"{memory['process_peak']:.0f}):")
+        for engine, m in memory["engines"].items():
+            if "error" in m:
+                print(f"  {engine:32s} failed: {m['error']}")
+                continue
+            print(f"  {engine:32s} peak {m['peak_mib']:6.0f} = interpreter {m['base_mib']:4.0f} + loaded "
+                  f"{m['loaded_mib']:5.0f} + working {m['working_peak_mib']:5.0f}")
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -613,11 +718,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--demo", metavar="VARIANT", help="export this preset with demo weights into --cache-dir (once) and measure it")
     p.add_argument("--precisions", nargs="+", default=["fp32", "fp16"], help="with --demo: precisions to export (default fp32 fp16)")
     p.add_argument("--num-tags", type=int, help="with --demo: size of the demo model's default vocabulary")
-    p.add_argument("--cache-dir", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ram-edge" / "bench")
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE,
+                   help=f"where --demo bundles are exported once and reused (default {DEFAULT_CACHE})")
     p.add_argument("--checkpoint", help="official checkpoint for the torch baseline when the bundle is not a demo export")
     p.add_argument("--batch", nargs="+", type=int, default=[1, 8], help="batch sizes for the pipeline sweep (default 1 8)")
-    p.add_argument("--tags", nargs="+", type=int, default=[100, 1000, 4585, 20000], help="vocabulary sizes for the decoder sweep")
-    p.add_argument("--swap-tags", type=int, default=10000, help="vocabulary size for the swap measurement (0: skip)")
+    p.add_argument("--tags", nargs="+", type=int, default=[100, 1000, 4585],
+                   help="vocabulary sizes for the decoder sweep (default 100 1000 4585; a RAM++ 20000 adds 2 GB)")
+    p.add_argument("--swap-tags", type=int, default=4585, help="vocabulary size for the swap measurement (0: skip)")
     p.add_argument("--repeats", type=int, default=5, help="measured rounds per configuration (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (default 1)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads for onnxruntime and torch (default: all cores)")
@@ -625,10 +732,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-torch", action="store_true", help="skip the torch eager baseline")
     p.add_argument("--ort-default", action="store_true", help="also measure CPU fp32 with plain session options and numpy feeds (before tuning)")
     p.add_argument("--image", type=Path, default=DEFAULT_IMAGE, help="JPEG fed to preprocessing")
-    p.add_argument("--out", type=Path, default=Path("benchmark-results"), help="directory for latency.json and the plots")
+    p.add_argument("--no-memory", dest="memory", action="store_false",
+                   help="skip the per-engine memory probes (each engine reloaded in a fresh process)")
+    p.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"directory for latency.json and the plots (default {DEFAULT_OUT.relative_to(REPO)}/, ignored by git)")
     p.add_argument("--caption", action="store_true", help="measure the caption stage instead (bundles with captioning graphs)")
     p.add_argument("--caption-beams", type=int, default=3, help="with --caption: beams of the beam-search runs (default 3)")
     args = p.parse_args(argv)
+    if args.memory_probe:
+        return args
     if not args.bundles and not args.demo:
         p.error("give bundle directories or --demo VARIANT")
     if min(args.batch) < 1 or min(args.tags) < 1 or args.repeats < 1 or args.warmup < 0:
@@ -638,6 +751,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_probe:
+        print(json.dumps(memory_probe(json.loads(args.memory_probe))))
+        return 0
     threads = args.threads or os.cpu_count()
     import onnxruntime as ort
 
@@ -666,11 +782,14 @@ def main(argv=None) -> int:
     for note in notes:
         log(note)
     engines: List[Engine] = []
+    specs: List[dict] = []  # how to rebuild each engine in a fresh process, for the memory probes
     baseline = None
     if not args.no_torch:
         log("loading the torch eager fp32 baseline")
         engines.append(TorchEngine(first, threads, args.checkpoint))
         baseline = engines[-1].name
+        specs.append({"kind": "torch", "name": baseline, "bundle": str(first.path), "threads": threads,
+                      "checkpoint": args.checkpoint, "image": str(args.image)})
     for bundle in bundles:
         for label, providers in plan:
             name = f"ort-{label}-{bundle.precision}"
@@ -682,6 +801,8 @@ def main(argv=None) -> int:
             log(f"loading {name}")
             try:
                 engines.append(OrtEngine(bundle, providers, name, threads))
+                specs.append({"kind": "ort", "name": name, "bundle": str(bundle.path), "providers": providers,
+                              "threads": threads, "image": str(args.image)})
             except Exception as e:  # a provider that fails to initialise is reported, not fatal
                 notes.append(f"{name}: failed to load ({e}); skipped")
                 log(notes[-1])
@@ -713,6 +834,7 @@ def main(argv=None) -> int:
                 base_logits = logits
             agreement[engine.name] = float(np.abs(logits - base_logits).max())
 
+
     swaps: Dict[str, Dict[int, float]] = {}
     run_tags_sweep(engines, embeds_by_engine, sorted(args.tags), bundle_vocab, descriptions, dim, min(args.batch),
                    args.warmup, args.repeats, rec, swaps)
@@ -726,6 +848,12 @@ def main(argv=None) -> int:
                 engine.set_vocabulary(*bundle_vocab)  # release the 1 GB swap table before the next engine
                 gc.collect()
 
+    for engine in engines:  # the probes run one engine at a time: nothing of this process competes
+        engine.close()
+    gc.collect()
+    log("memory: each engine alone in a fresh process, one image")
+    memory = measure_memory(specs) if args.memory else {}
+
     report = build_report(rec, engines, baseline, config, peak, args.tags, args.batch, main_tags)
     report.update({
         "command": " ".join([Path(sys.argv[0]).name] + (sys.argv[1:] if argv is None else list(argv))),
@@ -735,6 +863,7 @@ def main(argv=None) -> int:
         "macs": {"encoder_per_image": encoder_macs(config), "decoder_per_image_main_tags": decoder_macs(config, main_tags),
                  "decoder_per_tag_per_image": decoder_macs(config, 1) - decoder_macs(config, 0)},
         "max_abs_logit_diff_vs_baseline": agreement, "set_vocabulary_s": swaps, "vocabulary_swap": swap_report,
+        "memory_mib": {"engines": memory, "process_peak": peak_rss_mib()},
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads, "batch": args.batch, "tags": args.tags},
         "seconds": time.perf_counter() - started,
     })
@@ -742,8 +871,6 @@ def main(argv=None) -> int:
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
     report["plots"] = plot(report, args.out)
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
-    for engine in engines:
-        engine.close()
     print_tables(report, peak)
     for s in swap_report:
         print(f"swap {s['num_tags']} tags x {s['descriptions']} ({s['float32_bytes'] / 2**20:.0f} MiB fp32) on {s['engine']}: "

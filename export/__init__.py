@@ -1,25 +1,24 @@
 """Export a RAM / RAM++ model to a bundle: ONNX graphs (encoder, decoder, optionally CLIP's text encoder),
 the vocabulary, a manifest.
 
-Needs the ``[export]`` extra (torch, onnx, onnxconverter-common).
+Needs the ``[export]`` extra (torch, onnx, onnxconverter-common). The names below are imported on first
+use (PEP 562), so ``ram_edge.export.options`` / ``.precision`` load without torch: ``ram-export`` checks
+its arguments before the heavy imports.
 """
 
-from .bundle import (
-    DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportError, ExportResult, VerificationError, add_text_encoder,
-    check_export_options, default_vocabulary, export_bundle,
-)
-from .precision import LOGIT_TOLERANCE, PRECISIONS
+import importlib
 
-__all__ = [
-    "DEFAULT_MAX_BATCH",
-    "DEFAULT_OPSET",
-    "ExportError",
-    "ExportResult",
-    "LOGIT_TOLERANCE",
-    "PRECISIONS",
-    "VerificationError",
-    "add_text_encoder",
-    "check_export_options",
-    "default_vocabulary",
-    "export_bundle",
-]
+_EXPORTS = {
+    "DEFAULT_MAX_BATCH": "options", "DEFAULT_OPSET": "options", "ExportError": "options",
+    "check_export_options": "options", "LOGIT_TOLERANCE": "precision", "PRECISIONS": "precision",
+    "ExportResult": "bundle", "VerificationError": "bundle", "add_text_encoder": "bundle",
+    "default_vocabulary": "bundle", "export_bundle": "bundle",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -35,9 +35,10 @@ from ram_edge.tokenizer_files import BERT_VOCAB_FILE, CLIP_BPE_FILE, bert_vocab_
 from ram_edge.vocabulary import Vocabulary
 
 from .graphs import GraphSpec, caption_graph_specs, image_graph_specs, text_encoder_spec
-from .onnx_export import MIN_OPSET, save_onnx, trace_to_onnx
+from .onnx_export import save_onnx, trace_to_onnx
+from .options import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportError, check_export_options
 from .precision import (
-    CAPTION_PRECISION, CAPTION_TOLERANCE, LOGIT_TOLERANCE, PRECISIONS, TEXT_PRECISIONS, TEXT_TOLERANCE, to_fp16, to_int8_dynamic,
+    CAPTION_PRECISION, CAPTION_TOLERANCE, LOGIT_TOLERANCE, TEXT_PRECISIONS, TEXT_TOLERANCE, to_fp16, to_int8_dynamic,
 )
 from .verify import (
     CaptionVerification, TextVerification, Verification, verify_bundle_graphs, verify_caption_graphs,
@@ -50,15 +51,8 @@ RECOGNIZE_ANYTHING_TAG_SOURCES = ("official", "tag2text")
 #: How upstream's tokenizer spells its special tokens; [DEC] and [ENC] are added after BERT's 30,522.
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CAPTION_ADDED_TOKENS = ("[DEC]", "[ENC]")
-DEFAULT_OPSET = 17
-DEFAULT_MAX_BATCH = 32
-VOCAB_DTYPES = ("auto", "float16", "float32")
 #: OpenAI CLIP's vocabulary: 49,408 ids, the last two are the start and end tokens.
 CLIP_VOCAB_SIZE, CLIP_SOT, CLIP_EOT = 49408, 49406, 49407
-
-
-class ExportError(RuntimeError):
-    """The export could not produce a bundle; nothing was left at the output path."""
 
 
 class VerificationError(ExportError):
@@ -361,21 +355,6 @@ def export_bundle(
     elapsed = time.perf_counter() - started
     say(f"bundle written to {out_dir} in {elapsed:.1f} s")
     return ExportResult(out_dir, manifest, verification, elapsed)
-
-
-def check_export_options(*, precision: str = "fp32", opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH,
-                         vocab_dtype: str = "auto", text_precision: str = "fp32") -> None:
-    """Refuse bad export options before any model is built (the CLI calls it first)."""
-    if precision not in PRECISIONS:
-        raise ExportError(f"--precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"--opset {opset}: use {MIN_OPSET} or newer (LayerNormalization as one node)")
-    if max_batch < 1:
-        raise ExportError(f"--max-batch must be at least 1, got {max_batch}")
-    if vocab_dtype not in VOCAB_DTYPES:
-        raise ExportError(f"--vocab-dtype {vocab_dtype!r} is not one of {', '.join(VOCAB_DTYPES)}")
-    if text_precision not in TEXT_PRECISIONS:
-        raise ExportError(f"--text-precision {text_precision!r}: choose one of {', '.join(TEXT_PRECISIONS)}")
 
 
 def add_text_encoder(

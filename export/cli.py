@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
-EXIT_OK, EXIT_VERIFICATION_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+from ram_edge.cli import EXIT_FAILED as EXIT_VERIFICATION_FAILED
+from ram_edge.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_common_flags, configure_logging
 
 EPILOG = """\
 examples:
@@ -31,7 +32,7 @@ exit status: 0 bundle written; 1 the graphs failed verification (nothing written
 
 def build_parser() -> argparse.ArgumentParser:
     from ram_edge.export.precision import PRECISIONS
-    from ram_edge.models.config import PRESETS
+    from ram_edge.models.config import PRESETS  # plain dataclasses: no torch import for --help
 
     parser = argparse.ArgumentParser(
         prog="ram-export",
@@ -82,40 +83,61 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--no-text-encoder", action="store_true", help="with --demo: leave out the demo text encoder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (or its text encoder) at --out (only once the new one is complete)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check (not recommended)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    add_common_flags(parser, "ram-export")
     return parser
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Everything that can be refused from the arguments alone, before torch is imported and a model is
+    built (argparse's error: exit 2 with the usage line)."""
+    from ram_edge.export.options import ExportError, check_export_options
+
+    if not (args.checkpoint or args.demo or args.text_encoder):
+        parser.error("one of --checkpoint, --demo or --text-encoder is required")
+    if args.no_text_encoder and args.text_encoder:
+        parser.error("--no-text-encoder and --text-encoder contradict each other")
+    for flag, value in (("--text-heads", args.text_heads), ("--num-tags", args.num_tags),
+                        ("--decoder-heads", args.decoder_heads), ("--image-size", args.image_size),
+                        ("--caption-heads", args.caption_heads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if args.num_tags is not None and not args.demo:
+        parser.error("--num-tags applies to --demo (a checkpoint's tags are in its weights; --tags FILE names them)")
+    if args.demo and (args.image_size or args.variant):
+        parser.error("--image-size and --variant apply to --checkpoint; a --demo preset fixes both")
+    for flag, path in (("--checkpoint", args.checkpoint), ("--text-encoder", args.text_encoder), ("--tags", args.tags)):
+        if path and not Path(path).is_file():
+            parser.error(f"{flag} {path}: no such file")
+    try:
+        check_export_options(precision=args.precision, opset=args.opset, max_batch=args.max_batch,
+                             vocab_dtype=args.vocab_dtype, text_precision=args.text_precision)
+    except ExportError as e:
+        parser.error(str(e))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+        check_arguments(parser, args)
+    except SystemExit as e:  # --help / --version (0) or a usage error (2): return it, for callers
+        return int(e.code or 0)
+    configure_logging(args, "ram-export")
     started = time.perf_counter()
 
     def say(message: str) -> None:
         if not args.quiet:
             print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
 
-    if not (args.checkpoint or args.demo or args.text_encoder):
-        parser.error("one of --checkpoint, --demo or --text-encoder is required")
-    if args.no_text_encoder and args.text_encoder:
-        parser.error("--no-text-encoder and --text-encoder contradict each other")
-    if args.text_heads is not None and args.text_heads < 1:
-        parser.error(f"--text-heads must be at least 1, got {args.text_heads}")
-    if args.caption_heads < 1:
-        parser.error(f"--caption-heads must be at least 1, got {args.caption_heads}")
-
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="  %(message)s", stream=sys.stderr)
     say("importing torch and the exporter")
     try:
-        from ram_edge.export import ExportError, VerificationError, add_text_encoder, check_export_options, export_bundle
+        from ram_edge.export import ExportError, VerificationError, add_text_encoder, export_bundle
         from ram_edge.export.bundle import check_output_dir
         from ram_edge.models import CheckpointError, demo_model, load_checkpoint
-        from ram_edge.models.demo import demo_config
         from ram_edge.models.checkpoint import as_tag_set
+        from ram_edge.models.demo import demo_config
         from ram_edge.models.clip_text import ClipCheckpointError, demo_clip_text, load_clip_text
 
-        check_export_options(precision=args.precision, opset=args.opset, max_batch=args.max_batch,
-                             vocab_dtype=args.vocab_dtype, text_precision=args.text_precision)
         text_encoder = None
         if args.text_encoder:
             say(f"loading the text encoder {args.text_encoder}")
@@ -138,8 +160,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             source = args.checkpoint.replace("\\", "/").split("/")[-1]
         else:
             say(f"building {args.demo} with demo weights (seed {args.seed})")
-            if args.image_size or args.variant:
-                raise ValueError("--image-size and --variant apply to --checkpoint; a --demo preset fixes both")
             model = demo_model(demo_config(args.demo, args.captioning), seed=args.seed,
                                tags=as_tag_set(args.tags) if args.tags else None, num_tags=args.num_tags)
             source = f"demo:seed={args.seed}"

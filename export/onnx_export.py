@@ -10,11 +10,11 @@ import onnx
 import torch
 
 from .graphs import GraphSpec
+from .options import MIN_OPSET
 
 #: ONNX files are protobufs, capped at 2 GB; larger graphs keep their weights in a side file.
 PROTOBUF_LIMIT = 2**31 - 2**26
 
-MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (TensorRT keeps it accurate in fp16)
 
 
 def trace_to_onnx(spec: GraphSpec, path: Path, opset: int) -> onnx.ModelProto:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import onnx
+if TYPE_CHECKING:  # onnx is imported where it is used: ram-export checks its flags before heavy imports
+    import onnx
 
 FP32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "ReduceSum", "Exp", "Pow", "Sqrt", "Div"]
 
@@ -81,6 +83,8 @@ def to_int8_dynamic(fp32_path: Path) -> onnx.ModelProto:
     import logging
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    import onnx
 
     model = onnx.load(str(fp32_path), load_external_data=False)
     weights = {init.name for init in model.graph.initializer}

@@ -2,34 +2,26 @@
 branch (tag encoder, text decoder) of Tag2Text and RAM (export time only; the runtime never imports this).
 
 ``load_checkpoint`` reads official checkpoints; ``demo_model`` builds seeded random weights; ``PRESETS``
-names the official variants.
+names the official variants. The names are imported on first use (PEP 562): ``ram_edge.models.config``
+(the presets, plain dataclasses) loads without torch, so ``ram-export --help`` and its argument checks
+are instant.
 """
 
-from .bert import TagEncoder, TextDecoder
-from .checkpoint import CheckpointError, clean_state_dict, infer_config, load_checkpoint, read_state_dict
-from .config import PRESETS, CaptionConfig, DecoderConfig, RAMConfig, SwinConfig, TextConfig, official_captioning, preset
-from .demo import demo_model
-from .swin import SwinTransformer
-from .tagging import AlignmentDecoder, RAMTagger
+import importlib
 
-__all__ = [
-    "AlignmentDecoder",
-    "CaptionConfig",
-    "CheckpointError",
-    "DecoderConfig",
-    "PRESETS",
-    "RAMConfig",
-    "RAMTagger",
-    "SwinConfig",
-    "SwinTransformer",
-    "TagEncoder",
-    "TextConfig",
-    "TextDecoder",
-    "clean_state_dict",
-    "demo_model",
-    "infer_config",
-    "load_checkpoint",
-    "official_captioning",
-    "preset",
-    "read_state_dict",
-]
+_EXPORTS = {
+    "TagEncoder": "bert", "TextDecoder": "bert",
+    "CheckpointError": "checkpoint", "clean_state_dict": "checkpoint", "infer_config": "checkpoint",
+    "load_checkpoint": "checkpoint", "read_state_dict": "checkpoint",
+    "PRESETS": "config", "CaptionConfig": "config", "DecoderConfig": "config", "RAMConfig": "config",
+    "SwinConfig": "config", "TextConfig": "config", "official_captioning": "config", "preset": "config",
+    "demo_model": "demo", "SwinTransformer": "swin", "AlignmentDecoder": "tagging", "RAMTagger": "tagging",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

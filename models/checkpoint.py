@@ -17,7 +17,7 @@ import re
 import zipfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -443,9 +443,9 @@ def match_preset(config: RAMConfig) -> str:
     return "custom"
 
 
-def check_state_dict(model: torch.nn.Module, state_dict: StateDict, source: str) -> None:
-    """Refuse missing keys, unexpected keys and wrong shapes, naming them."""
-    expected = model.state_dict()
+def state_dict_problems(expected: Mapping[str, torch.Tensor], state_dict: StateDict) -> List[str]:
+    """Missing keys, unexpected keys and wrong shapes of ``state_dict`` against ``expected``, one line each
+    kind (empty: they match)."""
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     wrong = [
@@ -460,6 +460,12 @@ def check_state_dict(model: torch.nn.Module, state_dict: StateDict, source: str)
         problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     if wrong:
         problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:8])}")
+    return problems
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: StateDict, source: str) -> None:
+    """Refuse missing keys, unexpected keys and wrong shapes, naming them."""
+    problems = state_dict_problems(model.state_dict(), state_dict)
     if problems:
         raise CheckpointError(f"{source}: does not match the {model.config.kind} architecture: " + " | ".join(problems))
 

@@ -335,7 +335,7 @@ def load_clip_text(
     width // 64 (OpenAI's rule; a Hugging Face ``config.json`` beside the file is read when present).
     ``activation``: "quick_gelu" (OpenAI's models, default) or "gelu" (open_clip's own trainings).
     """
-    from .checkpoint import CheckpointError, read_state_dict
+    from .checkpoint import CheckpointError, read_state_dict, state_dict_problems
 
     path = Path(path)
     source = str(path)
@@ -353,18 +353,7 @@ def load_clip_text(
     config = infer_text_config(state_dict, heads=heads, activation=activation or "quick_gelu", source=source)
     config = replace(config, variant=match_text_preset(config))
     model = ClipTextModel(config, logit_scale=float(info.get("logit_scale", 100.0)))
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    wrong = [f"{k}: {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state_dict and state_dict[k].shape != v.shape]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {', '.join(missing[:6])}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:6])}")
-    if wrong:
-        problems.append(f"{len(wrong)} wrong shape(s): {'; '.join(wrong[:6])}")
+    problems = state_dict_problems(model.state_dict(), state_dict)
     if problems:
         raise ClipCheckpointError(f"{source}: does not match a CLIP text tower: " + " | ".join(problems))
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)

@@ -97,8 +97,10 @@ def read_manifest(bundle_dir: Union[str, os.PathLike]) -> Dict[str, Any]:
     """Parse ``manifest.json`` and check the format; file hashes are checked by the runtime's loader."""
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / MANIFEST_FILE
+    if not bundle_dir.exists():
+        raise BundleError(f"{bundle_dir}: no such bundle folder. Pass the folder that `ram-export --out` wrote.")
     if not bundle_dir.is_dir():
-        raise BundleError(f"{bundle_dir}: not a directory. Pass the folder that `ram-export --out` wrote.")
+        raise BundleError(f"{bundle_dir}: a file, not a bundle folder. Pass the folder that `ram-export --out` wrote.")
     if not path.is_file():
         raise BundleError(
             f"{bundle_dir}: no {MANIFEST_FILE}, so this is not a complete bundle (an export that failed or was "

@@ -103,6 +103,7 @@ class Vocabulary:
         info: Optional[Mapping[str, Any]] = None,
         per_tag: Optional[Mapping[str, Any]] = None,
         unique_names: bool = True,
+        _owned: bool = False,
     ):
         self._unique_names = bool(unique_names)
         self._names: List[str] = _check_names(names, "names", unique=self._unique_names)
@@ -127,7 +128,8 @@ class Vocabulary:
                 )
             self._thresholds = _readonly(values.astype(np.float32))
 
-        padded, counts = _pad_embeddings(embeddings, num_tags, num_descriptions)
+        # _owned: a float32 C-contiguous array nobody else holds (Vocabulary.load's): no second copy.
+        padded, counts = _pad_embeddings(embeddings, num_tags, num_descriptions, copy=not _owned)
         if not np.isfinite(padded).all():
             bad_tags = np.flatnonzero(~np.isfinite(padded).all(axis=(1, 2)))
             shown = ", ".join(repr(self._names[i]) for i in bad_tags[:5])
@@ -217,7 +219,7 @@ class Vocabulary:
             return list(self._names)
         if lang == "zh":
             if self._names_zh is None:
-                raise ValueError("Vocabulary has no Chinese names (names_zh); use lang='en'")
+                raise ValueError("this vocabulary has no Chinese names (names_zh); ask for English names instead")
             return list(self._names_zh)
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
 
@@ -488,7 +490,7 @@ class Vocabulary:
             if key not in meta:
                 raise ValueError(f"{json_path}: missing {key!r}")
         try:
-            embeddings = np.load(npy_path, allow_pickle=False)
+            embeddings = read_npy_float32(npy_path)
         except (OSError, ValueError) as e:
             raise ValueError(f"{npy_path}: unreadable ({e})") from e
         names = meta["names"]
@@ -502,8 +504,6 @@ class Vocabulary:
                 f"{npy_path}: shape {tuple(embeddings.shape)}, but {json_path.name} describes "
                 f"(num_tags, max(num_descriptions), embed_dim) = {expected}"
             )
-        if not np.issubdtype(embeddings.dtype, np.floating):
-            raise ValueError(f"{npy_path}: dtype {embeddings.dtype}, expected one of {STORED_DTYPES}")
         per_tag = _load_per_tag(directory, meta.get("per_tag"), len(names))
         try:
             return cls(
@@ -515,6 +515,7 @@ class Vocabulary:
                 info=meta.get("info") if isinstance(meta.get("info"), dict) else None,
                 per_tag=per_tag,
                 unique_names=meta.get("unique_names", True) is not False,
+                _owned=True,
             )
         except ValueError as e:
             raise ValueError(f"{directory}: {e}") from e
@@ -582,15 +583,13 @@ def _load_per_tag(directory: Path, listed: Any, num_tags: int) -> Dict[str, np.n
         if not path.is_file():
             raise ValueError(f"{directory}: {json_path.name} lists the per-tag array {name!r} but {path.name} is missing")
         try:
-            array = np.load(path, allow_pickle=False)
+            array = read_npy_float32(path)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: unreadable ({e})") from e
         shape = spec.get("shape") if isinstance(spec, dict) else None
         if not isinstance(shape, list) or tuple(array.shape) != (num_tags, *shape):
             raise ValueError(f"{path}: shape {tuple(array.shape)}, but {json_path.name} describes "
                              f"(num_tags, *shape) = {(num_tags, *(shape or []))}")
-        if not np.issubdtype(array.dtype, np.floating):
-            raise ValueError(f"{path}: dtype {array.dtype}, expected one of {STORED_DTYPES}")
         arrays[name] = array
     return arrays
 
@@ -789,7 +788,30 @@ def resolve_tag_table(names: Sequence[str], thresholds: Any = None, names_zh: An
     return {"thresholds": resolved, "names_zh": zh}
 
 
-def _pad_embeddings(embeddings, num_tags: int, num_descriptions: Optional[Sequence[int]]):
+def read_npy_float32(path: PathLike, block_bytes: int = 1 << 24) -> np.ndarray:
+    """A float16 / float32 ``.npy`` file as a C-contiguous float32 array, read in blocks of about
+    ``block_bytes``: memory peaks at the float32 array plus one block, not at both whole arrays (RAM++'s
+    float16 table is 239 MB on disk, 478 MB as float32)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype not in (np.dtype("<f2"), np.dtype("<f4")) or fortran:
+            raise ValueError(f"dtype {dtype}{' (Fortran order)' if fortran else ''}, expected C-order "
+                             f"little-endian one of {STORED_DTYPES}")
+        out = np.empty(shape, dtype=np.float32)
+        flat = out.reshape(-1)
+        step = max(1, block_bytes // dtype.itemsize)
+        block = np.empty(min(step, flat.size), dtype=dtype)
+        for start in range(0, flat.size, step):
+            part = block[: min(step, flat.size - start)]
+            if f.readinto(memoryview(part).cast("B")) != part.nbytes:
+                raise ValueError(f"the file ends after {start} of {flat.size} values (truncated)")
+            flat[start : start + part.size] = part
+        return out
+
+
+def _pad_embeddings(embeddings, num_tags: int, num_descriptions: Optional[Sequence[int]], copy: bool = True):
     """(T, D, E) float32 C-contiguous array (a fresh copy we own) and (T,) int64 description counts."""
     if isinstance(embeddings, np.ndarray) or not isinstance(embeddings, (list, tuple)):
         array = np.asarray(embeddings)
@@ -807,7 +829,7 @@ def _pad_embeddings(embeddings, num_tags: int, num_descriptions: Optional[Sequen
             raise ValueError(f"Vocabulary: embeddings have {array.shape[0]} tags, names has {num_tags}")
         if array.shape[1] < 1 or array.shape[2] < 1:
             raise ValueError(f"Vocabulary: embeddings of shape {array.shape} are empty")
-        padded = np.array(array, dtype=np.float32, order="C", copy=True)
+        padded = np.array(array, dtype=np.float32, order="C", copy=True if copy else None)
         if num_descriptions is None:
             counts = np.full(num_tags, array.shape[1], dtype=np.int64)
         else:

@@ -158,7 +158,7 @@ def tag_files(
                     good.append(len(outcomes))
                     outcomes.append(None)
                 except ImageError as e:
-                    outcomes.append(FileResult(path, error=str(e)))
+                    outcomes.append(FileResult(path, error=e.reason))
                 except Exception as e:  # an unexpected failure of one file must not end the run
                     outcomes.append(FileResult(path, error=f"{type(e).__name__}: {e}"))
             if arrays:

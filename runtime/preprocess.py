@@ -44,7 +44,36 @@ CHANNEL_ORDERS = ("rgb", "bgr")
 
 
 class ImageError(ValueError):
-    """An input could not be turned into pixels (unreadable, not an image, truncated, too large)."""
+    """An input could not be turned into pixels (unreadable, not an image, truncated, too large).
+
+    ``reason`` says why; ``source`` names the input (its path, or "image 3" of a list) when known, and
+    ``str()`` starts with it, so a message always says which input failed."""
+
+    def __init__(self, reason: str, source: Optional[str] = None):
+        self.reason, self.source = reason, source
+        super().__init__(f"{source}: {reason}" if source else reason)
+
+    def with_source(self, source: str) -> "ImageError":
+        return ImageError(self.reason, source)
+
+
+#: Leading bytes of formats Pillow can open, to tell "not an image" from "an image Pillow cannot decode".
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF8", "GIF"), (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "BigTIFF"), (b"MM\x00+", "BigTIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+)
+
+
+def _sniff_format(head: bytes) -> Optional[str]:
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:12] in (b"ftypheic", b"ftypheix", b"ftypmif1", b"ftypavif"):
+        return "HEIF/AVIF"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return None
 
 
 def _normalization_lut() -> np.ndarray:
@@ -116,11 +145,14 @@ class Preprocessor:
             try:
                 f = open(path, "rb")
             except IsADirectoryError:
-                raise ImageError("is a directory, not an image file") from None
+                raise ImageError("is a directory, not an image file", str(path)) from None
             except OSError as e:
-                raise ImageError(f"cannot read the file: {e.strerror or e}") from None
+                raise ImageError(f"cannot read the file: {e.strerror or e}", str(path)) from None
             with f:
-                return self._open_and_convert(f, name=str(path))
+                try:
+                    return self._open_and_convert(f, name=str(path))
+                except ImageError as e:
+                    raise e.with_source(str(path)) from None
         raise TypeError(
             f"expected a path, bytes, a PIL image or an HWC uint8 numpy array, got {type(image).__name__}"
         )
@@ -162,6 +194,10 @@ class Preprocessor:
                 "image is trusted."
             ) from None
         except Image.UnidentifiedImageError:
+            fp.seek(0)
+            kind = _sniff_format(fp.read(16))
+            if kind is not None:  # e.g. a TIFF with a compression or layout Pillow does not support
+                raise ImageError(f"a {kind} file that Pillow cannot decode (unsupported variant, or damaged)") from None
             raise ImageError("not an image (Pillow recognises no image format in it)") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             # Pillow reports truncated / corrupt data as OSError ("image file is truncated"), SyntaxError

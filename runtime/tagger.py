@@ -17,10 +17,20 @@ from .backends import AUTO, configure_backend, open_graph
 from .backends.base import Backend
 from .bundle import BundleInfo, check_graph_io, open_bundle
 from .caption import CaptionResult, is_empty_user_tags, tag_strings_for
-from .preprocess import DEFAULT_MAX_PIXELS, ImageInput, Preprocessor
+from .preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageInput, Preprocessor
 
 #: Class lists whose text embeddings ``Tagger.classify`` keeps, so repeated calls cost no text encoding.
 CLASS_CACHE_SIZE = 8
+#: Default bound on the decoder's working memory (activations of one call), in MiB. Tags never attend to
+#: each other, so the vocabulary is scored in chunks of tags (and the batch in groups of images) that fit;
+#: the scores are exactly those of one call. 256 MiB scores RAM++'s 4,585 tags for one image in 2 calls.
+DEFAULT_DECODER_MEMORY_MB = 256
+#: Images per call by default: on a CPU a batch buys no speed (docs/performance.md) and multiplies memory.
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 16}
+#: Measured working memory of the decoder per (image, tag) relative to the float32 estimate below, by the
+#: bundle's precision (RAM++ Swin-L, onnxruntime CPU, 4,585 vs 256 tags: fp32 44 KB, int8-dynamic 33 KB,
+#: fp16 157 KB a tag: the fp16 graph converts the label table and its products between the precisions).
+DECODER_MEMORY_FACTOR = {"fp16": 3.0}
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,12 @@ class TagResult:
     tags: Tuple[str, ...]
     probabilities: Tuple[float, ...]
     indices: Tuple[int, ...] = field(default=(), repr=False)
+    #: Why this input could not be tagged (``Tagger.tag(..., errors="return")``); None when it was.
+    error: Optional[str] = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     def __len__(self) -> int:
         return len(self.tags)
@@ -55,6 +71,11 @@ class ClassResult:
     labels: Tuple[str, ...]
     probabilities: Tuple[float, ...]
     indices: Tuple[int, ...] = field(default=(), repr=False)
+    error: Optional[str] = None  # as TagResult.error
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
     @property
     def label(self) -> str:
@@ -111,6 +132,9 @@ class Tagger:
     vocabulary:       a :class:`Vocabulary` or a vocabulary folder; None: the bundle's own.
     verify_files:     check every file's sha256 against the manifest at load (a second per GB).
     intra_op_threads: onnxruntime threads per operator (None: one per physical core).
+    decoder_memory_mb: bound on the decoder's working memory per call (default 256 MiB): larger
+                      vocabularies or batches are scored in several calls, with exactly the same scores.
+    tag_chunk:        tags per decoder call, instead of deriving it from ``decoder_memory_mb``.
     resize, exif_transpose, alpha, max_pixels: preprocessing, see :class:`Preprocessor`.
 
     Thread safety: ``preprocess``, ``encode``, ``logits`` and ``tag`` may be called from several threads;
@@ -127,11 +151,19 @@ class Tagger:
         verify_files: bool = True,
         intra_op_threads: Optional[int] = None,
         backend_options: Optional[Dict[str, Any]] = None,
+        decoder_memory_mb: float = DEFAULT_DECODER_MEMORY_MB,
+        tag_chunk: Optional[int] = None,
         resize: str = "pillow",
         exif_transpose: bool = True,
         alpha: str = "drop",
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     ):
+        if not decoder_memory_mb > 0:
+            raise ValueError(f"decoder_memory_mb must be positive, got {decoder_memory_mb!r}")
+        if tag_chunk is not None and (isinstance(tag_chunk, bool) or int(tag_chunk) < 1):
+            raise ValueError(f"tag_chunk must be a positive integer or None, got {tag_chunk!r}")
+        self.decoder_memory_mb = float(decoder_memory_mb)
+        self.tag_chunk = None if tag_chunk is None else int(tag_chunk)
         requested = backend
         backend, options, self.backend_reason = configure_backend(requested, providers, intra_op_threads,
                                                                   backend_options)
@@ -205,6 +237,12 @@ class Tagger:
         return list(getattr(self._encoder, "providers", []))
 
     @property
+    def default_batch_size(self) -> int:
+        """Images per call that ``ram-tag`` uses unless told: 1 on a CPU (a batch is not faster there and
+        multiplies memory), 16 on a GPU."""
+        return DEFAULT_BATCH_SIZE.get(getattr(self._encoder, "device", "cpu"), 1)
+
+    @property
     def has_text_encoder(self) -> bool:
         return self.bundle.has_text_encoder
 
@@ -243,13 +281,42 @@ class Tagger:
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary.load(vocabulary)
         self._check_vocabulary(vocabulary)
-        self._decoder.set_constant_inputs({
-            self.bundle.label_embed_name: vocabulary.embeddings,
-            self.bundle.label_mask_name: vocabulary.mask,
-            **vocabulary.per_tag,
-        })
+        chunks = self.tag_chunks(vocabulary)
+        self._decoder.set_constant_inputs(self._vocabulary_feeds(vocabulary), chunks if len(chunks) > 1 else None)
         self._vocabulary = vocabulary
 
+    def _vocabulary_feeds(self, vocabulary: Vocabulary) -> Dict[str, np.ndarray]:
+        """The decoder's vocabulary inputs: embeddings, mask and per-tag arrays (Tag2Text's classifier rows),
+        each with one row per tag (so chunks of tags are row ranges of all of them)."""
+        return {self.bundle.label_embed_name: vocabulary.embeddings, self.bundle.label_mask_name: vocabulary.mask,
+                **vocabulary.per_tag}
+
+    # -- decoder working memory ------------------------------------------------------------------------
+    def decoder_bytes_per_pair(self, max_descriptions: int) -> int:
+        """Upper estimate of the decoder's activation bytes per (image, tag) pair, from the model's
+        configuration: RAM++'s description scores and weights (2D), the tag embedding (E), the queries and
+        the layers' hidden states (8H), attention scores and probabilities (2 x heads x image tokens) and the
+        feed-forward block (2 x intermediate), float32. Official decoder, 145 image tokens: 56 KB (measured
+        44 KB); x3 for fp16 bundles (``DECODER_MEMORY_FACTOR``)."""
+        decoder = ((self.bundle.manifest.get("model") or {}).get("config") or {}).get("decoder") or {}
+        hidden = int(decoder.get("hidden_size", 768))
+        heads = int(decoder.get("num_heads", 4))
+        intermediate = int(decoder.get("intermediate_size", 3072))
+        floats = (2 * max_descriptions + self.bundle.embed_dim + 8 * hidden
+                  + 2 * heads * self.bundle.num_image_tokens + 2 * intermediate)
+        return int(4 * floats * DECODER_MEMORY_FACTOR.get(str(self.bundle.manifest.get("precision")), 1.0))
+
+    def _pairs_per_call(self, vocabulary: Vocabulary) -> int:
+        budget = self.decoder_memory_mb * 2**20
+        return max(1, int(budget // self.decoder_bytes_per_pair(vocabulary.max_descriptions)))
+
+    def tag_chunks(self, vocabulary: Optional[Vocabulary] = None) -> List[Tuple[int, int]]:
+        """The (start, stop) tag ranges the decoder scores ``vocabulary`` (default: the current one) in:
+        ``tag_chunk`` tags each, or as many as ``decoder_memory_mb`` holds for one image."""
+        vocabulary = vocabulary if vocabulary is not None else self._vocabulary
+        size = self.tag_chunk or self._pairs_per_call(vocabulary)
+        total = vocabulary.num_tags
+        return [(start, min(start + size, total)) for start in range(0, total, size)]
     def _check_vocabulary(self, vocabulary: Vocabulary) -> None:
         if vocabulary.embed_dim != self.bundle.embed_dim:
             raise ValueError(
@@ -302,13 +369,29 @@ class Tagger:
         ``vocabulary`` for this call only (its arrays are fed with the call instead of the resident
         ones: what a service holding several vocabularies does); one decoder call."""
         image_embeds = self._check_image_embeds(image_embeds)
-        feeds = {self.bundle.image_embeds_name: image_embeds}
-        if vocabulary is not None:
+        resident = vocabulary is None
+        vocabulary = self._vocabulary if resident else vocabulary
+        if not resident:
             self._check_vocabulary(vocabulary)
-            feeds[self.bundle.label_embed_name] = vocabulary.embeddings
-            feeds[self.bundle.label_mask_name] = vocabulary.mask
-            feeds.update(vocabulary.per_tag)
-        return self._decoder.infer(feeds)[self.bundle.logits_name]
+        chunks = self.tag_chunks(vocabulary)
+        # Images per call so that (images x chunk) pairs stay within decoder_memory_mb.
+        images = max(1, self._pairs_per_call(vocabulary) // (chunks[0][1] - chunks[0][0]))
+        name, out_name = self.bundle.image_embeds_name, self.bundle.logits_name
+        batch = image_embeds.shape[0]
+        if len(chunks) == 1 and batch <= images:
+            feeds = {name: image_embeds} if resident else {name: image_embeds, **self._vocabulary_feeds(vocabulary)}
+            return self._decoder.infer(feeds)[out_name]
+        logits = np.empty((batch, vocabulary.num_tags), dtype=np.float32)
+        for first in range(0, batch, images):
+            rows = slice(first, first + images)
+            for index, (start, stop) in enumerate(chunks):
+                if resident:
+                    feeds, chunk = {name: image_embeds[rows]}, (index if len(chunks) > 1 else None)
+                else:  # views of the call's vocabulary, no copy
+                    feeds = {name: image_embeds[rows], **{k: v[start:stop] for k, v in self._vocabulary_feeds(vocabulary).items()}}
+                    chunk = None
+                logits[rows, start:stop] = self._decoder.infer(feeds, chunk=chunk)[out_name]
+        return logits
 
     def _check_image_embeds(self, image_embeds: np.ndarray) -> np.ndarray:
         image_embeds = np.ascontiguousarray(image_embeds, dtype=np.float32)
@@ -332,18 +415,43 @@ class Tagger:
         top_k: Optional[int] = None,
         lang: str = "en",
         channel_order: str = "rgb",
+        errors: str = "raise",
     ) -> Union[TagResult, List[TagResult]]:
         """Tag one image (returns a TagResult) or a sequence of images (a list, one batch: one encoder and
         one decoder call). A tag is kept when its probability is above the threshold — ``threshold=None``
         uses the vocabulary's per-tag thresholds, else the bundle's default_threshold — then the
-        ``top_k`` most probable are kept. Pass ``threshold=0`` for a plain top-k."""
+        ``top_k`` most probable are kept. Pass ``threshold=0`` for a plain top-k.
+
+        ``errors``: "raise" (default) raises the first :class:`ImageError`, naming the input; "return"
+        tags the good images and gives each bad one a TagResult with ``error`` set (``ok`` False)."""
         names = self._vocabulary.display_names(lang)  # check lang before spending time on the model
+        return self._per_image(images, channel_order, errors, TagResult,
+                               lambda pixels: self.select(self.probabilities(pixels), threshold, top_k, names=names))
+
+    def _per_image(self, images, channel_order: str, errors: str, result_type, infer):
+        """Preprocess every input, run ``infer`` once on the good ones, and put the results (and, with
+        ``errors="return"``, a ``result_type(error=...)`` per bad input) back in input order."""
+        if errors not in ("raise", "return"):
+            raise ValueError(f"errors must be 'raise' or 'return', got {errors!r}")
         single = _is_single_image(images)
         items = [images] if single else list(images)
         if not items:
             return []
-        pixel_values = np.stack([self.preprocess(image, channel_order) for image in items])
-        results = self.select(self.probabilities(pixel_values), threshold, top_k, names=names)
+        results: List[Any] = [None] * len(items)
+        good, arrays = [], []
+        for i, image in enumerate(items):
+            try:
+                arrays.append(self.preprocess(image, channel_order))
+                good.append(i)
+            except ImageError as e:
+                if e.source is None and not single:
+                    e = e.with_source(f"image {i}")
+                if errors == "raise":
+                    raise e from None
+                results[i] = result_type((), (), error=str(e))
+        if arrays:
+            for i, result in zip(good, infer(np.stack(arrays))):
+                results[i] = result
         return results[0] if single else results
 
     def select(
@@ -513,18 +621,14 @@ class Tagger:
         classes: Union[Sequence[str], Vocabulary],
         top_k: Optional[int] = None,
         channel_order: str = "rgb",
+        errors: str = "raise",
     ) -> Union[ClassResult, List[ClassResult]]:
         """Zero-shot single-label classification of one image (a ClassResult) or a list (one batch),
         without the decoder: probabilities over ``classes`` sum to 1. Needs the bundle's text encoder
-        for class names (a Vocabulary of precomputed embeddings does not)."""
-        single = _is_single_image(images)
-        items = [images] if single else list(images)
-        if not items:
-            return []
+        for class names (a Vocabulary of precomputed embeddings does not). ``errors`` as in :meth:`tag`."""
         self.class_embeddings(classes)  # fail on bad classes before decoding images
-        pixel_values = np.stack([self.preprocess(image, channel_order) for image in items])
-        results = self.classify_embeds(self.encode(pixel_values), classes, top_k)
-        return results[0] if single else results
+        return self._per_image(images, channel_order, errors, ClassResult,
+                               lambda pixels: self.classify_embeds(self.encode(pixels), classes, top_k))
 
 
 def _per_image_tags(tags: Union[None, str, Sequence[Optional[str]]], count: int, single: bool) -> List[Optional[str]]:

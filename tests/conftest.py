@@ -299,3 +299,16 @@ def tag2text_bundle(reference, tmp_path_factory) -> tuple:
     bundle = tmp_path_factory.mktemp("tag2text") / "tag2text_tiny_384"
     export_bundle(model, bundle, source="tag2text_tiny_384.pth")
     return bundle, np.load(golden / "tag2text_tiny_384.npz"), meta
+
+
+@pytest.fixture(scope="session")
+def openset_demo_bundle(tmp_path_factory) -> Path:
+    """``ram-export --demo ram_plus_tiny_384 --num-tags 200``: random weights with a demo text encoder, for
+    the open-set service, page and Ray tests; exported once per test session (about 20 s). Skips without
+    torch (the export side)."""
+    pytest.importorskip("torch", reason="exporting the demo bundle needs torch")
+    from ram_edge.export.cli import main as export_main
+
+    out = tmp_path_factory.mktemp("openset_demo") / "bundle"
+    assert export_main(["--demo", "ram_plus_tiny_384", "--num-tags", "200", "--out", str(out), "-q"]) == 0
+    return out

@@ -385,7 +385,8 @@ def test_metadata_and_vocabulary_handed_over_once(test_bundle, ov_options):
         assert [(t.name, t.shape) for t in decoder.output_metadata()] == [("logits", (None, None))]
         original = tagger.vocabulary
         first = [tagger.logits(pixels) for _ in range(3)]
-        tensors = dict(decoder._const_tensors)
+        assert len(decoder._const_tensors) == 1  # one chunk: the vocabulary fits one call
+        tensors = dict(decoder._const_tensors[0])
         # the request reads the tensors made at set_vocabulary, no copy per call
         slot = decoder._idle[0]
         assert np.shares_memory(slot.request.get_tensor("label_embed").data, tensors["label_embed"].data)
@@ -394,7 +395,7 @@ def test_metadata_and_vocabulary_handed_over_once(test_bundle, ov_options):
 
         subset = original.subset([4, 1])
         tagger.set_vocabulary(subset)
-        assert decoder._const_tensors["label_embed"] is not tensors["label_embed"]
+        assert decoder._const_tensors[0]["label_embed"] is not tensors["label_embed"]
         swapped = [tagger.logits(pixels) for _ in range(3)]
         with Tagger(test_bundle, backend="openvino", backend_options=ov_options, vocabulary=subset) as fresh:
             expected = fresh.logits(pixels)

@@ -680,3 +680,28 @@ def test_wiring_with_a_fake_tensorrt(fake_tensorrt, tmp_path, monkeypatch):
     with Tagger(bundle, backend="tensorrt"):  # other flags: another key, another engine
         assert len(fake_tensorrt) == 5 and fake_tensorrt[-1]["fp16"] is True
     assert len(list((tmp_path / "engines").glob("*.engine"))) == 4
+
+
+def test_chunked_vocabulary_beyond_the_profile_with_a_fake_tensorrt(fake_tensorrt, tmp_path, monkeypatch):
+    """Chunks of tags are uploaded once each and scored call by call: a vocabulary larger than the engine's
+    profile works when every chunk fits it, with the scores of one onnxruntime call."""
+    from conftest import make_test_vocabulary
+    from ram_edge.runtime import Tagger
+
+    bundle = make_test_bundle(tmp_path)
+    monkeypatch.setenv("RAM_EDGE_TRT_CACHE_DIR", str(tmp_path / "engines"))
+    monkeypatch.setenv("RAM_EDGE_TRT_MAX_TAGS", "12")
+    pixels = np.random.default_rng(1).random((2, 3, 64, 64), dtype=np.float32)
+    with Tagger(bundle, providers=["CPUExecutionProvider"]) as reference:
+        vocab = make_test_vocabulary(num_tags=30, embed_dim=reference.vocabulary.embed_dim, seed=4)
+        reference.set_vocabulary(vocab)
+        expected = reference.logits(pixels)
+    with Tagger(bundle, backend="tensorrt", tag_chunk=12) as tagger:
+        uploads = _FakeDeviceArray.uploads
+        tagger.set_vocabulary(vocab)  # 30 tags > the profile's 12, in chunks of 12, 12, 6
+        assert _FakeDeviceArray.uploads - uploads == 2 * 3 and tagger.tag_chunks() == [(0, 12), (12, 24), (24, 30)]
+        np.testing.assert_allclose(tagger.logits(pixels), expected, atol=1e-5)
+        assert _FakeDeviceArray.uploads - uploads == 6  # none per call
+    with Tagger(bundle, backend="tensorrt", tag_chunk=13) as tagger:
+        with pytest.raises(ValueError, match="13 tags.*at most 12"):
+            tagger.set_vocabulary(vocab)

@@ -129,6 +129,20 @@ def test_tiny_demo_run_writes_json_and_plots(latency, tmp_path):
     for plot in report["plots"]:
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(report["plots"]) == 2
+    memory = report["memory_mib"]
+    assert set(memory["engines"]) == engines - {"ort-cpu-fp32-default"}  # probed: the tuned engines and torch
+    for m in memory["engines"].values():
+        assert m["loaded_mib"] > 1 and m["working_peak_mib"] >= 0  # weights and vocabulary do take memory
+        assert m["peak_mib"] == pytest.approx(m["base_mib"] + m["loaded_mib"] + m["working_peak_mib"], abs=1)
+    assert memory["process_peak"] < 4096  # the tiny run stays well inside a 4 GB device
+
+
+def test_memory_probes(latency):
+    before = latency.rss_mib()
+    assert before > 0
+    block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
+    assert latency.rss_mib() >= before + 60 and latency.peak_rss_mib() >= before + 60
+    del block
 
 
 def test_caption_stage_run_writes_json_and_plot(latency, tmp_path):

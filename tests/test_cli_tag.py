@@ -131,7 +131,10 @@ def test_broken_bundle_and_vocabulary_exit_2(test_bundle, image_dir, tmp_path, c
     code, _, err = run(capsys, test_bundle, image_dir, "--vocab", tmp_path / "wide")
     assert code == 2 and "16 wide" in err
     code, _, err = run(capsys, tmp_path / "no-bundle", image_dir)
-    assert code == 2 and "not a directory" in err
+    assert code == 2 and "no such bundle folder" in err
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, tmp_path / "file", image_dir)
+    assert code == 2 and "a file, not a bundle folder" in err
     assert main(["--no-such-option"]) == 2
 
 

@@ -131,6 +131,26 @@ def test_threshold_array_falls_back_to_default():
         vocab.display_names("zh")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_blockwise_npy_read_equals_numpy(tmp_path, dtype):
+    """Vocabulary.load widens float16 to float32 block by block (peak: the float32 array + one block)."""
+    from ram_edge.vocabulary import read_npy_float32
+
+    values = np.random.default_rng(2).standard_normal((7, 5, 33)).astype(dtype)
+    np.save(tmp_path / "e.npy", values)
+    for block in (64, 1000, 1 << 20):  # block boundaries inside rows, and one block for everything
+        out = read_npy_float32(tmp_path / "e.npy", block_bytes=block)
+        assert out.dtype == np.float32 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, values.astype(np.float32))
+    data = (tmp_path / "e.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[:-10])
+    with pytest.raises(ValueError, match="truncated"):
+        read_npy_float32(tmp_path / "cut.npy")
+    np.save(tmp_path / "i.npy", np.ones((2, 2), np.int64))
+    with pytest.raises(ValueError, match="expected C-order"):
+        read_npy_float32(tmp_path / "i.npy")
+
+
 # -- per-tag arrays (Tag2Text's classifier rows) ---------------------------------------------------------
 
 

@@ -6,7 +6,9 @@ manager. Heavy modules (onnxruntime, tensorrt) are imported in ``activate``, nev
 
 Constant inputs (the vocabulary's ``label_embed`` / ``label_mask``) are handed over once with
 :meth:`Backend.set_constant_inputs`; a backend may keep them resident (device memory, bound buffers) and
-must not copy them again on every ``infer``.
+must not copy them again on every ``infer``. They may be split into *chunks*: row ranges along axis 0
+(the tags), so that one call scores one chunk of the vocabulary and the graph's working memory is
+bounded by the chunk, not by the vocabulary (``infer(feeds, chunk=i)``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -44,6 +46,7 @@ class Backend(abc.ABC):
         self.model_path = Path(model_path)
         self._active = False
         self._constants: Dict[str, np.ndarray] = {}
+        self._chunks: Optional[List[Tuple[int, int]]] = None
         self._inputs: Tuple[TensorInfo, ...] = ()
         self._outputs: Tuple[TensorInfo, ...] = ()
 
@@ -72,24 +75,52 @@ class Backend(abc.ABC):
         self.deactivate()
 
     # -- inference -----------------------------------------------------------------------------------
-    def set_constant_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Inputs that stay the same across ``infer`` calls until set again (replaces earlier ones)."""
+    def set_constant_inputs(self, feeds: Mapping[str, np.ndarray],
+                            chunks: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+        """Inputs that stay the same across ``infer`` calls until set again (replaces earlier ones).
+
+        ``chunks``: row ranges ``(start, stop)`` along axis 0 of every constant; ``infer(..., chunk=i)``
+        then runs with rows ``start:stop`` of each. The constants are still handed over once."""
         self._require_active()
         known = {t.name: t for t in self.input_metadata()}
         for name in feeds:
             if name not in known:
                 raise KeyError(f"{self.model_path.name}: has no input {name!r} (inputs: {sorted(known)})")
+        if chunks is not None:
+            rows = {np.shape(a)[0] for a in feeds.values()}
+            chunks = [(int(a), int(b)) for a, b in chunks]
+            if len(rows) != 1 or not chunks or any(not 0 <= a < b <= min(rows) for a, b in chunks):
+                raise ValueError(f"{self.model_path.name}: chunks {chunks[:3]}... do not fit constants with "
+                                 f"{sorted(rows)} rows")
         self._constants = dict(feeds)
+        self._chunks = chunks
         self._on_constants_changed()
 
-    def infer(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        """Run the graph on ``feeds`` (plus the constant inputs); returns every output as a numpy array."""
+    @property
+    def num_chunks(self) -> int:
+        """How many chunks the constants were split into (1 when they were not)."""
+        return 1 if self._chunks is None else len(self._chunks)
+
+    def constant_feeds(self, chunk: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """The constants of one call: all of them, or the rows of ``chunk`` (numpy views, no copy)."""
+        if chunk is None or self._chunks is None:
+            return self._constants
+        start, stop = self._chunks[chunk]
+        return {name: array[start:stop] for name, array in self._constants.items()}
+
+    def infer(self, feeds: Mapping[str, np.ndarray], chunk: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Run the graph on ``feeds`` plus the constant inputs (those of ``chunk`` when they are chunked);
+        returns every output as a numpy array."""
         self._require_active()
         expected = {t.name for t in self.input_metadata()}
         missing = expected - set(feeds) - set(self._constants)
         if missing:
             raise KeyError(f"{self.model_path.name}: inputs not given: {sorted(missing)}")
-        return self._infer(feeds)
+        if chunk is not None and not 0 <= chunk < self.num_chunks:
+            raise IndexError(f"{self.model_path.name}: chunk {chunk} of {self.num_chunks}")
+        if chunk is None and self._chunks is not None and not set(self._constants) <= set(feeds):
+            raise ValueError(f"{self.model_path.name}: the constant inputs are chunked; pass chunk=0..{self.num_chunks - 1}")
+        return self._infer(feeds, chunk)
 
     def input_metadata(self) -> Tuple[TensorInfo, ...]:
         """The graph's inputs in declaration order (only valid while active)."""
@@ -110,10 +141,12 @@ class Backend(abc.ABC):
     def _deactivate(self) -> None: ...
 
     @abc.abstractmethod
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]: ...
+    def _infer(self, feeds: Mapping[str, np.ndarray], chunk: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Run with ``feeds`` over the constants of ``chunk`` (see :meth:`constant_feeds`); ``feeds`` win
+        over constants of the same name."""
 
     def _on_constants_changed(self) -> None:
-        """Hook: make ``self._constants`` resident (e.g. copy to the device) once."""
+        """Hook: make ``self._constants`` resident (e.g. copy to the device) once, per chunk if chunked."""
 
     def _require_active(self) -> None:
         if not self._active:

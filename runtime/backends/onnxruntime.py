@@ -78,7 +78,7 @@ class OnnxRuntimeBackend(Backend):
         self._ort = None
         self._output_names: List[str] = []
         self._device: Tuple[str, int] = ("cpu", 0)
-        self._device_constants: Dict[str, Any] = {}
+        self._device_constants: List[Dict[str, Any]] = []  # per chunk, on a CUDA device
 
     # -- life cycle ----------------------------------------------------------------------------------
     def _activate(self) -> None:
@@ -96,7 +96,7 @@ class OnnxRuntimeBackend(Backend):
         self._device = session_device(self._session)
 
     def _deactivate(self) -> None:
-        self._device_constants = {}
+        self._device_constants = []
         self._constants = {}
         self._session = None
 
@@ -114,23 +114,25 @@ class OnnxRuntimeBackend(Backend):
     def _on_constants_changed(self) -> None:
         # On CPU onnxruntime reads a C-contiguous numpy array of the right dtype in place, so the arrays
         # are simply kept. On a CUDA device they are copied to device memory once here; otherwise every
-        # run would copy the whole vocabulary (hundreds of MB for RAM++) host -> device.
-        self._device_constants = {}
+        # run would copy the whole vocabulary (hundreds of MB for RAM++) host -> device. Chunked constants
+        # are copied chunk by chunk (the same bytes in total).
+        self._device_constants = []
         if self._device[0] == "cuda":
             kind, index = self._device
-            for name, array in self._constants.items():
-                self._device_constants[name] = self._ort.OrtValue.ortvalue_from_numpy(
-                    np.ascontiguousarray(array), kind, index
-                )
+            for chunk in range(self.num_chunks):
+                self._device_constants.append({
+                    name: self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), kind, index)
+                    for name, array in self.constant_feeds(chunk if self._chunks else None).items()
+                })
 
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _infer(self, feeds: Mapping[str, np.ndarray], chunk: Optional[int] = None) -> Dict[str, np.ndarray]:
         if self._device_constants:
-            ort_feeds = dict(self._device_constants)
+            ort_feeds = dict(self._device_constants[chunk or 0])
             for name, array in feeds.items():
                 ort_feeds[name] = self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
             values = self._session.run_with_ort_values(self._output_names, ort_feeds)
             return {name: value.numpy() for name, value in zip(self._output_names, values)}
-        merged = dict(self._constants)
+        merged = dict(self.constant_feeds(chunk))
         merged.update(feeds)
         outputs = self._session.run(self._output_names, merged)
         return dict(zip(self._output_names, outputs))

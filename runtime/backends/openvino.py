@@ -248,13 +248,13 @@ def import_openvino():
 
 
 class _Slot:
-    """One infer request and the constants generation it holds."""
+    """One infer request and the (constants generation, chunk) whose tensors it holds."""
 
     __slots__ = ("request", "generation")
 
     def __init__(self, request):
         self.request = request
-        self.generation = -1
+        self.generation: Optional[Tuple[int, int]] = None
 
 
 class OpenVINOBackend(Backend):
@@ -302,7 +302,7 @@ class OpenVINOBackend(Backend):
         self._idle: List[_Slot] = []
         self._created = 0
         self._pool_size = 1
-        self._const_tensors: Dict[str, Any] = {}
+        self._const_tensors: List[Dict[str, Any]] = []  # per chunk
         self._generation = 0
 
     # -- life cycle ----------------------------------------------------------------------------------
@@ -347,7 +347,7 @@ class OpenVINOBackend(Backend):
     def _deactivate(self) -> None:
         with self._cond:
             self._idle, self._created = [], 0
-            self._const_tensors = {}
+            self._const_tensors = []
             self._constants = {}
         self._ports = []
         self._compiled = None
@@ -418,21 +418,25 @@ class OpenVINOBackend(Backend):
             prepared[name] = array
         return prepared
 
-    def set_constant_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
+    def set_constant_inputs(self, feeds: Mapping[str, np.ndarray],
+                            chunks: Optional[Sequence[Tuple[int, int]]] = None) -> None:
         """Checked and converted first (a wrong array leaves the previous constants in place), then copied
-        once into OpenVINO tensors; each infer request picks them up at its next call."""
+        once into OpenVINO tensors (per chunk when chunked); each infer request picks them up at its next
+        call."""
         self._require_active()
-        super().set_constant_inputs(self._prepare(feeds))
+        super().set_constant_inputs(self._prepare(feeds), chunks)
 
     def _on_constants_changed(self) -> None:
         # One copy into OpenVINO-owned memory: the Vocabulary's arrays are read-only, which ov.Tensor
         # cannot share; the tensors then outlive any later vocabulary for requests still using them.
-        tensors = {name: self._ov.Tensor(array) for name, array in self._constants.items()}
+        tensors = [{name: self._ov.Tensor(np.ascontiguousarray(array))
+                    for name, array in self.constant_feeds(chunk if self._chunks else None).items()}
+                   for chunk in range(self.num_chunks)]
         with self._cond:
             self._const_tensors = tensors
             self._generation += 1
 
-    def _acquire(self) -> Tuple[_Slot, Dict[str, Any], int]:
+    def _acquire(self) -> Tuple[_Slot, List[Dict[str, Any]], int]:
         with self._cond:
             while not self._idle and self._created >= self._pool_size:
                 self._cond.wait()
@@ -448,17 +452,19 @@ class OpenVINOBackend(Backend):
             self._idle.append(slot)
             self._cond.notify()
 
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _infer(self, feeds: Mapping[str, np.ndarray], chunk: Optional[int] = None) -> Dict[str, np.ndarray]:
         prepared = self._prepare(feeds)
-        slot, constants, generation = self._acquire()
+        slot, chunk_tensors, generation = self._acquire()
         try:
             request = slot.request
-            if slot.generation != generation:
+            constants = chunk_tensors[chunk or 0] if chunk_tensors else {}
+            state = (generation, chunk or 0)
+            if slot.generation != state:
                 for name, tensor in constants.items():
                     request.set_tensor(name, tensor)
-                slot.generation = generation
+                slot.generation = state
             if any(name in constants for name in prepared):
-                slot.generation = -1  # a constant overridden for this call: set them again next time
+                slot.generation = None  # a constant overridden for this call: set them again next time
             # share_inputs: the call's arrays are read in place; share_outputs=False: outputs are copies,
             # the request reuses its output buffers on the next call.
             result = request.infer(prepared, share_inputs=True, share_outputs=False)

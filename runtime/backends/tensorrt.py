@@ -24,7 +24,7 @@ import os
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -433,7 +433,7 @@ class TensorRTBackend(Backend):
         self._engine = None
         self._runner = None
         self._ranges: Dict[str, ShapeRange] = {}
-        self._device_constants: Dict[str, Any] = {}
+        self._device_constants: List[Dict[str, Any]] = []  # per chunk
         self._lock = threading.Lock()
 
     # -- life cycle ----------------------------------------------------------------------------------
@@ -565,24 +565,30 @@ class TensorRTBackend(Backend):
         return "cuda"
 
     # -- inference -----------------------------------------------------------------------------------
-    def _prepare(self, feeds: Mapping[str, Any]) -> Dict[str, np.ndarray]:
+    def _prepare(self, feeds: Mapping[str, Any], check: bool = True) -> Dict[str, np.ndarray]:
+        """Known names, the engine's dtypes, and (with ``check``) shapes inside the profile."""
         by_name = {t.name: t for t in self._inputs}
         prepared = {}
         for name, array in feeds.items():
             if name not in by_name:
                 raise KeyError(f"{self.model_path.name}: has no input {name!r} (inputs: {sorted(by_name)})")
             array = prepare_input(name, array, by_name[name].dtype)
-            check_shape(name, array.shape, self._ranges[name], self.plan.dim_names.get(name, ()), self.model_path.name)
+            if check:
+                check_shape(name, array.shape, self._ranges[name], self.plan.dim_names.get(name, ()), self.model_path.name)
             prepared[name] = array
         return prepared
 
-    def set_constant_inputs(self, feeds: Mapping[str, np.ndarray]) -> None:
-        """Validate against the engine's profile first (a too large vocabulary leaves the old one in place),
-        then upload once to device memory."""
+    def set_constant_inputs(self, feeds: Mapping[str, np.ndarray],
+                            chunks: Optional[Sequence[Tuple[int, int]]] = None) -> None:
+        """Validate against the engine's profile first (a too large vocabulary leaves the old one in place;
+        with chunks, each chunk must fit the profile, the whole vocabulary need not), then upload once to
+        device memory."""
         self._require_active()
-        prepared = self._prepare(feeds)
+        prepared = self._prepare(feeds, check=chunks is None)
+        for start, stop in chunks or ():
+            self._prepare({name: array[start:stop] for name, array in prepared.items()})
         with self._lock:
-            super().set_constant_inputs(prepared)
+            super().set_constant_inputs(prepared, chunks)
 
     def _on_constants_changed(self) -> None:
         from polygraphy import cuda
@@ -590,30 +596,36 @@ class TensorRTBackend(Backend):
 
         self._bind_device()
         self._free_device_constants()
-        uploaded: Dict[str, Any] = {}
+        uploaded: List[Dict[str, Any]] = []
         try:
-            for name, array in self._constants.items():
-                buffer = cuda.DeviceArray(shape=array.shape, dtype=DataType.from_dtype(array.dtype))
-                uploaded[name] = buffer
-                buffer.copy_from(array)  # synchronous
+            for chunk in range(self.num_chunks):
+                buffers: Dict[str, Any] = {}
+                uploaded.append(buffers)
+                for name, array in self.constant_feeds(chunk if self._chunks else None).items():
+                    array = np.ascontiguousarray(array)
+                    buffer = cuda.DeviceArray(shape=array.shape, dtype=DataType.from_dtype(array.dtype))
+                    buffers[name] = buffer
+                    buffer.copy_from(array)  # synchronous
         except BaseException:
-            for buffer in uploaded.values():
-                buffer.free()
+            for buffers in uploaded:
+                for buffer in buffers.values():
+                    buffer.free()
             self._constants = {}
             raise
         self._device_constants = uploaded
 
     def _free_device_constants(self) -> None:
-        constants, self._device_constants = self._device_constants, {}
-        for buffer in constants.values():
-            buffer.free()
+        constants, self._device_constants = self._device_constants, []
+        for buffers in constants:
+            for buffer in buffers.values():
+                buffer.free()
 
-    def _infer(self, feeds: Mapping[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    def _infer(self, feeds: Mapping[str, np.ndarray], chunk: Optional[int] = None) -> Dict[str, np.ndarray]:
         prepared = self._prepare(feeds)
         with self._lock:
             self._bind_device()
-            feed_dict: Dict[str, Any] = {name: self._device_constants[name] for name in self._device_constants
-                                         if name not in prepared}
+            resident = self._device_constants[chunk or 0] if self._device_constants else {}
+            feed_dict: Dict[str, Any] = {name: buffer for name, buffer in resident.items() if name not in prepared}
             feed_dict.update(prepared)
             outputs = self._runner.infer(feed_dict, check_inputs=False)
             # The runner reuses its host buffers on the next call: copy out, as float32.
