@@ -48,6 +48,7 @@ CAPTION_TOLERANCE = {"fp32": 1e-3, "fp16": 0.15}
 
 
 def to_fp16(proto: onnx.ModelProto) -> onnx.ModelProto:
+    import onnx
     from onnxconverter_common import float16
 
     float_outputs = {o.name for o in proto.graph.output if o.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
@@ -62,6 +63,8 @@ def _restore_float32_outputs(proto: onnx.ModelProto, names) -> None:
     """keep_io_types leaves float16 a graph output that other nodes also read (the tag encoder's
     ``tag_states``, which the cross keys / values are computed from): give those a Cast back to float32,
     the internal float16 tensor renamed, so every precision keeps float32 outputs."""
+    import onnx
+
     graph = proto.graph
     for output in graph.output:
         if output.name not in names or output.type.tensor_type.elem_type != onnx.TensorProto.FLOAT16:

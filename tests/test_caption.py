@@ -387,7 +387,7 @@ def test_ram_tag_caption_in_every_format(tag2text_bundle, reference, tmp_path):
     images = str(reference / "images")
     beam = meta["outputs"]["beam"]["captions"]
     out = tmp_path / "tags.jsonl"
-    run = [str(bundle), images, "--out", str(out), "-q", "--no-verify"]
+    run = [str(bundle), images, "--out", str(out), "-q", "--no-verify", "--overwrite"]
     assert tag_main(run + ["--caption", "--format", "jsonl"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["caption"] for r in rows] == beam and [r["path"].rsplit("/", 1)[-1] for r in rows] == list(IMAGES)
