@@ -120,6 +120,7 @@ class CaptionTokenizer:
         tokenizer.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
         self._tokenizer = tokenizer
+        self.pad_id = got.get("[PAD]", 0)
         self.special_ids = frozenset(got.values())
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
@@ -131,18 +132,23 @@ class CaptionTokenizer:
                            first_token_id: int) -> Tuple[np.ndarray, np.ndarray, List[bool]]:
         """Upstream's tag-encoder input: ``tokenizer(texts, padding="max_length", truncation=True,
         max_length=max_length)`` with position 0 replaced by ``first_token_id`` ([ENC]). Returns ids and
-        attention mask, (N, max_length) int64, and which texts were truncated."""
-        self._tokenizer.enable_truncation(max_length=max_length)
-        self._tokenizer.enable_padding(length=max_length, pad_id=0, pad_token="[PAD]")
-        try:
-            encodings = self._tokenizer.encode_batch(list(texts))
-        finally:
-            self._tokenizer.no_truncation()
-            self._tokenizer.no_padding()
-        ids = np.array([e.ids for e in encodings], dtype=np.int64).reshape(len(encodings), max_length)
-        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64).reshape(ids.shape)
+        attention mask, (N, max_length) int64, and which texts were truncated.
+
+        Truncation keeps ``[CLS]``, the first ``max_length - 2`` tokens and ``[SEP]``, as transformers'
+        (and the library's) truncation of one sequence does; done here rather than by reconfiguring the
+        library tokenizer, so one CaptionTokenizer serves several threads."""
+        ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), max_length), dtype=np.int64)
+        truncated = []
+        for row, encoding in enumerate(self._tokenizer.encode_batch(list(texts))):
+            tokens = encoding.ids
+            truncated.append(len(tokens) > max_length)
+            if truncated[-1]:
+                tokens = tokens[: max_length - 1] + tokens[-1:]  # ... [SEP]
+            ids[row, : len(tokens)] = tokens
+            mask[row, : len(tokens)] = 1
         ids[:, 0] = first_token_id
-        return ids, mask, [bool(e.overflowing) for e in encodings]
+        return ids, mask, truncated
 
     def decode(self, ids: Sequence[int]) -> str:
         """``tokenizer.decode(ids, skip_special_tokens=True)`` as transformers' BertTokenizer does it."""
