@@ -26,6 +26,13 @@ bundle's manifest (demo weights) or ``--checkpoint``. Writes ``latency.json`` an
 ``--cache-dir`` (default ``~/.cache/ram-edge/bench``) and reused. The default run on the tiny preset
 (``--demo ram_plus_tiny_384 --num-tags 200``) stays under 4 GB; add ``--tags ... 20000`` for the large
 vocabulary point. See docs/performance.md for the numbers and how to read them.
+
+``--caption`` measures the caption stage instead (bundles with captioning graphs, e.g. ``--demo
+tag2text_swin_b_384``): the tag encoder, the text decoder's step at every position of a caption (the
+prompt with an empty cache, then one token against the cache) for 1 and ``--caption-beams`` rows, whole
+captions (beam search and greedy) with tokens/s, and in torch the same decoder cached and as upstream
+runs it (no cache: the whole prefix again at every step). Writes ``caption_latency.json`` and
+``caption_step_vs_position.png``; see docs/captioning.md.
 """
 
 from __future__ import annotations
@@ -730,6 +737,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--memory-probe", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"directory for latency.json and the plots (default {DEFAULT_OUT.relative_to(REPO)}/, ignored by git)")
+    p.add_argument("--caption", action="store_true", help="measure the caption stage instead (bundles with captioning graphs)")
+    p.add_argument("--caption-beams", type=int, default=3, help="with --caption: beams of the beam-search runs (default 3)")
     args = p.parse_args(argv)
     if args.memory_probe:
         return args
@@ -758,6 +767,8 @@ def main(argv=None) -> int:
     configs = {json.dumps(b.config, sort_keys=True) for b in bundles}
     if len(configs) != 1:
         raise SystemExit("all bundles must be exports of the same model configuration (e.g. fp32 and fp16)")
+    if args.caption:
+        return caption_main(args, bundles, threads, started)
     first = bundles[0]
     config = first.config
 
@@ -870,6 +881,200 @@ def main(argv=None) -> int:
         print("max |logit - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
     log(f"wrote {args.out / 'latency.json'} and {len(report['plots'])} plots in {report['seconds']:.0f} s")
     return 0
+
+
+# -- captions ----------------------------------------------------------------------------------------
+
+
+def torch_caption_model(bundle: Bundle, threads: Optional[int], checkpoint: Optional[str]):
+    """The bundle's model in torch eager fp32 (demo weights rebuilt from the manifest, or ``checkpoint``)."""
+    import torch
+
+    from ram_edge.models import RAMConfig, demo_model, load_checkpoint
+
+    if threads:
+        torch.set_num_threads(threads)
+    source = bundle.manifest["model"].get("source", "")
+    if checkpoint:
+        heads = bundle.config["captioning"]["text_decoder"]["num_heads"]
+        return load_checkpoint(checkpoint, captioning=True, caption_heads=heads).float().eval()
+    if source.startswith("demo:seed="):
+        return demo_model(RAMConfig.from_dict(bundle.config), seed=int(source.split("=", 1)[1])).float().eval()
+    raise SystemExit(f"{bundle.path}: not a demo bundle (source {source!r}); pass --checkpoint for the torch baseline")
+
+
+def step_profile(step: Callable[[int], object], positions: Sequence[int], warmup: int, repeats: int,
+                 reset: Callable[[], object] = lambda: None) -> Dict[int, Dict[str, float]]:
+    """``step(position)`` timed at every position of a caption, ``repeats`` passes (after ``warmup``):
+    position -> summary of seconds. A pass runs ``reset()`` (untimed: the prompt), then the positions in
+    order, as generation does."""
+    samples: Dict[int, List[float]] = {p: [] for p in positions}
+    for round_ in range(warmup + repeats):
+        reset()
+        for position in positions:
+            _, t = _timed(step, position)
+            if round_ >= warmup:
+                samples[position].append(t)
+    return {p: summarize(v) for p, v in samples.items()}
+
+
+def caption_main(args, bundles: List[Bundle], threads: int, started: float) -> int:
+    """The caption stage of each bundle and of its torch model (see the module docstring)."""
+    import torch
+
+    from ram_edge.runtime import Tagger
+    from ram_edge.runtime.caption import SearchSettings
+
+    info = machine_info(threads)
+    log(f"machine: {info.get('Model name', '?')}, {info['cpu_count']} CPUs, threads {threads}; caption stage")
+    first = bundles[0]
+    caption_config = first.config.get("captioning")
+    if not caption_config:
+        raise SystemExit(f"{first.path}: no captioning branch in this bundle (Tag2Text; RAM exported with --captioning)")
+    model = None if args.no_torch else torch_caption_model(first, threads, args.checkpoint)
+    beams = args.caption_beams
+    prompt = first.manifest["caption"]["prompt_ids"]
+    max_length = first.manifest["caption"]["search"]["max_length"]
+    positions = list(range(len(prompt), max_length))  # step at cache length P writes position P
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(1000, 29000, size=(beams, max_length)).astype(np.int64)
+    tokens[:, : len(prompt)] = prompt
+    preprocess_image = args.image.read_bytes()
+    report: Dict[str, object] = {"kind": "caption", "machine": info, "settings": {
+        "repeats": args.repeats, "warmup": args.warmup, "threads": threads, "beams": beams, "max_length": max_length}}
+    engines: Dict[str, Dict[str, object]] = {}
+
+    for bundle in bundles:
+        name = f"ort-cpu-{bundle.precision}"
+        log(f"{name}: loading {bundle.path}")
+        with Tagger(bundle.path, providers=["CPUExecutionProvider"], intra_op_threads=threads, exif_transpose=False) as tagger:
+            captioner = tagger.captioner
+            embeds = tagger.encode(tagger.preprocess(preprocess_image))
+            probabilities = sigmoid(tagger.decode(embeds))
+            tags = tagger.caption_tags(probabilities)[0]  # upstream's tag prompt of the image
+            entry: Dict[str, object] = {"tag_string": tags}
+            for round_ in range(args.warmup + args.repeats):
+                cross1, t = _timed(captioner.encode_tags, embeds, [tags])
+                if round_ >= args.warmup:
+                    entry.setdefault("tag_encoder", []).append(t)
+            entry["tag_encoder_s"] = summarize(entry.pop("tag_encoder"))
+            cross1 = cross1[0]
+            for rows in sorted({1, beams}):
+                cross = np.repeat(cross1, rows, axis=2)
+                state: Dict[str, np.ndarray] = {}
+
+                def prompt_step(rows=rows, cross=cross, state=state):  # the prompt, empty cache
+                    _, state["past"] = captioner.step(tokens[:rows, : len(prompt)], cross, captioner.empty_cache(rows))
+
+                def ort_step(position: int, rows=rows, cross=cross, state=state):
+                    _, state["past"] = captioner.step(tokens[:rows, position : position + 1], cross, state["past"])
+
+                log(f"{name}: decoder step vs position, {rows} row(s)")
+                entry[f"step_s_rows{rows}"] = step_profile(ort_step, positions, args.warmup, args.repeats, prompt_step)
+                entry[f"prompt_step_s_rows{rows}"] = summarize([_timed(prompt_step)[1] for _ in range(args.repeats)])
+            for label, settings in (("beam", SearchSettings(beams, max_length, 10)), ("greedy", SearchSettings(1, max_length, 10))):
+                log(f"{name}: whole caption, {label}")
+                times, lengths = [], []
+                for round_ in range(args.warmup + args.repeats):
+                    # Tag encoder + search, from the tagging decoder's probabilities (as ram-tag --caption runs it).
+                    result, t = _timed(lambda: tagger.caption_embeds(embeds, None, probabilities, settings=settings))
+                    if round_ >= args.warmup:
+                        times.append(t)
+                        lengths.append(len(result[0].token_ids) - len(prompt))
+                entry[f"caption_{label}_s"] = summarize(times)
+                entry[f"caption_{label}_tokens"] = int(np.median(lengths))
+                entry[f"caption_{label}_tokens_per_s"] = float(np.median(lengths) / np.median(times))
+        engines[name] = entry
+
+    if model is not None:
+        decoder = model.text_decoder
+        with torch.inference_mode():
+            states = torch.from_numpy(np.ascontiguousarray(
+                rng.standard_normal((1, first.manifest["caption"]["tag_max_length"], caption_config["tag_encoder"]["hidden_size"]),
+                                    dtype=np.float32)))
+            ids = torch.from_numpy(tokens)
+            for label, cached in (("torch-eager-cpu-fp32-cached", True), ("torch-eager-cpu-fp32-no-cache", False)):
+                entry = {}
+                for rows in sorted({1, beams}):
+                    row_states = states.repeat(rows, 1, 1)
+                    cross = decoder.cross_kv(row_states)
+                    state = {}
+
+                    def torch_prompt(rows=rows, cross=cross, state=state):
+                        if cached:
+                            _, state["past"] = decoder.step(ids[:rows, : len(prompt)], cross)
+
+                    def torch_step(position: int, rows=rows, cross=cross, row_states=row_states, state=state):
+                        if not cached:  # upstream: the whole prefix again (cross-attention keys too), no cache
+                            return decoder(ids[:rows, : position + 1], row_states)
+                        _, state["past"] = decoder.step(ids[:rows, position : position + 1], cross, state["past"])
+
+                    log(f"{label}: decoder step vs position, {rows} row(s)")
+                    entry[f"step_s_rows{rows}"] = step_profile(torch_step, positions, args.warmup, args.repeats, torch_prompt)
+                engines[label] = entry
+
+    # A whole caption's decoding as a sum of its steps (for torch: what generating max_length tokens costs).
+    for name, entry in engines.items():
+        for rows in sorted({1, beams}):
+            profile = entry.get(f"step_s_rows{rows}")
+            if profile:
+                p50 = [profile[p]["p50"] for p in positions]
+                entry[f"step_fit_rows{rows}"] = fit_linear(positions, p50)
+                entry[f"all_steps_s_rows{rows}"] = float(np.sum(p50))
+                entry[f"last_over_first_step_rows{rows}"] = p50[-1] / p50[0]
+    report["engines"] = engines
+    report["positions"] = positions
+    report["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    report["plots"] = plot_caption(report, args.out, beams)
+    (args.out / "caption_latency.json").write_text(json.dumps(report, indent=1, default=str))
+    for name, entry in engines.items():
+        line = f"{name:32s}"
+        if "tag_encoder_s" in entry:
+            line += f" tag encoder {entry['tag_encoder_s']['p50'] * 1e3:7.2f} ms"
+        for rows in sorted({1, beams}):
+            fit = entry.get(f"step_fit_rows{rows}")
+            if fit:
+                line += (f" | {rows} row(s): step {fit['intercept'] * 1e3 + fit['slope'] * 1e3 * positions[0]:6.2f} ms at "
+                         f"{positions[0]}, +{fit['slope'] * 1e6:6.1f} us/position, all steps {entry[f'all_steps_s_rows{rows}']:.3f} s")
+        print(line)
+        for label in ("beam", "greedy"):
+            if f"caption_{label}_s" in entry:
+                print(f"{'':32s} caption {label}: {entry[f'caption_{label}_s']['p50']:.3f} s, "
+                      f"{entry[f'caption_{label}_tokens']} tokens, {entry[f'caption_{label}_tokens_per_s']:.1f} tokens/s")
+    log(f"wrote {args.out / 'caption_latency.json'} in {report['seconds']:.0f} s")
+    return 0
+
+
+def plot_caption(report: dict, out_dir: Path, beams: int) -> List[str]:
+    """Step time vs position (the cache keeps it flat; no cache grows with the prefix)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib missing: no plots (pip install ram-edge[bench])")
+        return []
+    positions = report["positions"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, entry in report["engines"].items():
+        for rows, style in ((1, "--"), (beams, "-")):
+            profile = entry.get(f"step_s_rows{rows}")
+            if profile:
+                ax.plot(positions, [profile[p]["p50"] * 1e3 for p in positions], style, marker=".",
+                        label=f"{name}, {rows} row{'s' if rows > 1 else ''}")
+    ax.set_xlabel("position of the new token (prompt = 4 tokens)")
+    ax.set_ylabel("text decoder step p50 (ms)")
+    ax.set_title("Caption decoder: cost of one token vs caption length")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "caption_step_vs_position.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [str(path)]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """``export_bundle``: model -> a complete, verified bundle directory, or nothing; ``add_text_encoder``:
-an existing bundle + a CLIP text tower -> the same bundle with ``text_encoder.onnx``.
+an existing bundle + a CLIP text tower -> the same bundle with ``text_encoder.onnx``. A model with a
+captioning branch (Tag2Text; RAM loaded with ``captioning=True``) also gets ``tag_encoder.onnx``,
+``text_decoder.onnx``, BERT's vocabulary and the manifest's ``caption`` section.
 
 The bundle is built in a hidden sibling directory and renamed into place only after every graph passed
 verification and the manifest (written last) lists every file's sha256. A failure or Ctrl-C at any
@@ -28,26 +30,38 @@ from ram_edge import __version__
 from ram_edge import bundle_format as bf
 from ram_edge.models import RAMTagger
 from ram_edge.models.clip_text import ClipTextModel, text_config_summary
-from ram_edge.tags import DEFAULT_THRESHOLD
-from ram_edge.tokenizer_files import CLIP_BPE_FILE, clip_bpe_path
+from ram_edge.tags import DEFAULT_THRESHOLD, TAG2TEXT_DELETE_TAG_INDEX, TAG2TEXT_NUM_TAGS
+from ram_edge.tokenizer_files import BERT_VOCAB_FILE, CLIP_BPE_FILE, bert_vocab_path, clip_bpe_path
 from ram_edge.vocabulary import Vocabulary
 
-from .graphs import GraphSpec, image_graph_specs, text_encoder_spec
+from .graphs import GraphSpec, caption_graph_specs, image_graph_specs, text_encoder_spec
 from .onnx_export import save_onnx, trace_to_onnx
 from .options import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportError, check_export_options
-from .precision import LOGIT_TOLERANCE, TEXT_PRECISIONS, TEXT_TOLERANCE, to_fp16, to_int8_dynamic
-from .verify import TextVerification, Verification, verify_bundle_graphs, verify_text_encoder
+from .precision import (
+    CAPTION_PRECISION, CAPTION_TOLERANCE, LOGIT_TOLERANCE, TEXT_PRECISIONS, TEXT_TOLERANCE, to_fp16, to_int8_dynamic,
+)
+from .verify import (
+    CaptionVerification, TextVerification, Verification, verify_bundle_graphs, verify_caption_graphs,
+    verify_text_encoder,
+)
 
 NOTICE_FILE = "NOTICE.recognize-anything.txt"
+#: Tag lists that come from recognize-anything: their notice is copied into the bundle.
+RECOGNIZE_ANYTHING_TAG_SOURCES = ("official", "tag2text")
+#: How upstream's tokenizer spells its special tokens; [DEC] and [ENC] are added after BERT's 30,522.
+BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CAPTION_ADDED_TOKENS = ("[DEC]", "[ENC]")
 #: OpenAI CLIP's vocabulary: 49,408 ids, the last two are the start and end tokens.
 CLIP_VOCAB_SIZE, CLIP_SOT, CLIP_EOT = 49408, 49406, 49407
 
 
 class VerificationError(ExportError):
-    def __init__(self, verification: Union[Verification, TextVerification]):
+    def __init__(self, verification: Union[Verification, TextVerification, CaptionVerification]):
         self.verification = verification
         if isinstance(verification, TextVerification):
             what = f"text_encoder: max |text embedding error| {verification.text_embeds_max_abs_error:.3g}"
+        elif isinstance(verification, CaptionVerification):
+            what = f"text_decoder: max |step logit error| {verification.step_logits_max_abs_error:.3g}"
         else:
             what = f"max |logit error| {verification.logits_max_abs_error:.3g}"
         super().__init__(
@@ -71,12 +85,24 @@ def default_vocabulary(model: RAMTagger) -> Vocabulary:
     """The checkpoint's own vocabulary: its label_embed with the names / thresholds it was paired with."""
     embed, _ = model.default_vocabulary()
     tags = model.tags
+    names = list(tags.names)
     return Vocabulary(
-        list(tags.names),
+        names,
         embed.float().cpu().numpy(),
         thresholds=tags.thresholds,
         names_zh=tags.names_zh,
+        per_tag={name: rows.float().cpu().numpy() for name, rows in model.default_classifier().items()},
+        # Tag2Text's learned classes share names (114 of its 3,429, e.g. "smile" noun and verb): kept as upstream's.
+        unique_names=model.config.kind != "tag2text" or len(set(names)) == len(names),
     )
+
+
+def excluded_tags(model: RAMTagger) -> list:
+    """Names of the tags the model scores but upstream never outputs, nor feeds to the captioner:
+    Tag2Text's ``delete_tag_index`` ("quarter", "back", "two", ...), positions in its 3,429-tag list."""
+    if model.config.kind != "tag2text" or len(model.tags) != TAG2TEXT_NUM_TAGS:
+        return []
+    return [model.tags.names[i] for i in TAG2TEXT_DELETE_TAG_INDEX]
 
 
 def _versions() -> Dict[str, str]:
@@ -175,6 +201,67 @@ def _write_text_encoder(text_encoder: ClipTextModel, directory: Path, *, precisi
     }
 
 
+def _write_captioning(model: RAMTagger, directory: Path, *, precision: str, opset: int, verify: bool,
+                      metadata: Dict[str, object], say: Progress) -> dict:
+    """tag_encoder.onnx, text_decoder.onnx and caption_tokenizer/ into ``directory``, verified against
+    torch; returns the graphs' manifest entries and the manifest's ``caption`` section."""
+    caption = model.config.captioning
+    specs = caption_graph_specs(model)
+    for spec in specs:
+        _write_graph(spec, directory, precision, opset, metadata, say)
+    # BERT's vocabulary with its licence and notice travels with the graphs.
+    shutil.copytree(bert_vocab_path().parent, directory / bf.CAPTION_TOKENIZER_DIR, dirs_exist_ok=True)
+    vocab_lines = (directory / bf.CAPTION_TOKENIZER_DIR / BERT_VOCAB_FILE).read_text(encoding="utf-8").splitlines()
+    vocab_ids = {token: i for i, token in enumerate(vocab_lines)}
+    added = {token: len(vocab_lines) + i for i, token in enumerate(CAPTION_ADDED_TOKENS)}
+    special = {**{token: vocab_ids[token] for token in BERT_SPECIAL_TOKENS}, **added}
+    text, encoder = caption.text_decoder, caption.tag_encoder
+    expected = {"[DEC]": caption.bos_token_id, "[ENC]": caption.enc_token_id, "[SEP]": caption.eos_token_id,
+                "[PAD]": caption.pad_token_id}
+    if any(special[token] != i for token, i in expected.items()) or len(vocab_lines) + len(added) != text.vocab_size:
+        raise ExportError(
+            f"the captioning branch's token ids {expected} and {text.vocab_size}-id vocabulary do not match BERT's "
+            f"tokenizer with [DEC], [ENC] added ({special}, {len(vocab_lines) + len(added)} ids)"
+        )
+    verification = None
+    if verify:
+        say("verifying the captioning graphs in onnxruntime against torch fp32")
+        verification = verify_caption_graphs(model, directory, CAPTION_TOLERANCE[precision], beams=caption.num_beams)
+        say(f"  max |error|: tag_states {verification.tag_states_max_abs_error:.2e}, step logits "
+            f"{verification.step_logits_max_abs_error:.2e} (tolerance {verification.tolerance:g}), present_kv "
+            f"{verification.present_kv_max_abs_error:.2e}")
+        if not verification.passed:
+            raise VerificationError(verification)
+    section = {
+        "graphs": [spec.name for spec in specs],
+        "precision": precision,
+        "tokenizer": {
+            "type": "bert-wordpiece",
+            "file": f"{bf.CAPTION_TOKENIZER_DIR}/{BERT_VOCAB_FILE}",
+            "lowercase": True,
+            "added_tokens": list(CAPTION_ADDED_TOKENS),
+            "special_tokens": special,
+            "licence": f"Apache-2.0 (Google BERT), see {bf.CAPTION_TOKENIZER_DIR}/NOTICE.md",
+        },
+        "prompt": caption.prompt,
+        "prompt_ids": list(caption.prompt_ids),
+        "bos_token_id": caption.bos_token_id,
+        "enc_token_id": caption.enc_token_id,
+        "eos_token_id": caption.eos_token_id,
+        "pad_token_id": caption.pad_token_id,
+        "tag_max_length": caption.tag_max_length,
+        "tag_separator": " | ",
+        "search": {"num_beams": caption.num_beams, "max_length": caption.max_length,
+                   "min_length": caption.min_length, "repetition_penalty": 1.0},
+        "cache": {"layout": "(layers, 2, batch, heads, positions, head_dim); index 0 keys, 1 values",
+                  "layers": text.num_layers, "heads": text.num_heads, "head_dim": text.head_dim,
+                  "max_positions": text.max_positions, "tag_positions_max": encoder.max_positions},
+        "vocab_size": text.vocab_size,
+        "verification": None if verification is None else verification.to_dict(),
+    }
+    return {"graph_entries": {spec.name: spec.manifest_entry() for spec in specs}, "section": section}
+
+
 def export_bundle(
     model: RAMTagger,
     out_dir: Union[str, os.PathLike],
@@ -187,12 +274,15 @@ def export_bundle(
     vocab_dtype: str = "auto",
     text_encoder: Optional[ClipTextModel] = None,
     text_precision: str = "fp32",
+    captioning: Optional[bool] = None,
     overwrite: bool = False,
     verify: bool = True,
     progress: Optional[Progress] = None,
 ) -> ExportResult:
     """Export ``model`` to a bundle at ``out_dir``: encoder.onnx, decoder.onnx, vocabulary/, manifest.json,
-    and with ``text_encoder`` (a CLIP text tower) text_encoder.onnx + tokenizer/.
+    with ``text_encoder`` (a CLIP text tower) text_encoder.onnx + tokenizer/, and for a model with a
+    captioning branch tag_encoder.onnx + text_decoder.onnx + caption_tokenizer/ (``captioning``: None =
+    whenever the model has the branch, False = never, True = required).
 
     ``vocabulary`` replaces the model's default vocabulary in the bundle (the graphs do not change);
     ``vocab_dtype`` is how its embeddings are stored: "float16", "float32" or "auto" (float32 up to
@@ -210,6 +300,10 @@ def export_bundle(
     config = model.config
     if text_encoder is not None:
         check_text_encoder(text_encoder, config.embed_dim)
+    if captioning and config.captioning is None:
+        raise ExportError(f"this {config.kind} model has no captioning branch"
+                          + ("" if config.kind == "ram_plus" else "; load the checkpoint with captioning=True (--captioning)"))
+    with_captioning = config.captioning is not None and captioning is not False
     metadata = {
         "ram_edge.format_version": bf.FORMAT_VERSION,
         "ram_edge.version": __version__,
@@ -231,7 +325,7 @@ def export_bundle(
         say(f"writing the default vocabulary ({len(vocab)} tags, {vocab_dtype} embeddings)")
         vocab_dir = vocab.save(staging / bf.VOCABULARY_DIR, dtype=vocab_dtype)
         stored_vocab = Vocabulary.load(vocab_dir)  # verify against what the runtime will read
-        if model.tags.source == "official":
+        if model.tags.source in RECOGNIZE_ANYTHING_TAG_SOURCES:
             notice = resources.files("ram_edge").joinpath("data", NOTICE_FILE).read_bytes()
             (staging / NOTICE_FILE).write_bytes(notice)
 
@@ -250,9 +344,13 @@ def export_bundle(
         if text_encoder is not None:
             text = _write_text_encoder(text_encoder, staging, precision=text_precision, opset=opset, verify=verify,
                                        metadata=metadata, say=say)
+        caption = None
+        if with_captioning:
+            caption = _write_captioning(model, staging, precision=CAPTION_PRECISION[precision], opset=opset, verify=verify,
+                                        metadata=metadata, say=say)
 
         manifest = _manifest(model, staging, precision, opset, max_batch, source, stored_vocab, vocab_dtype,
-                             verification, specs, text)
+                             verification, specs, text, caption)
         bf.write_json(staging / bf.MANIFEST_FILE, manifest)  # last: its presence marks a complete bundle
     elapsed = time.perf_counter() - started
     say(f"bundle written to {out_dir} in {elapsed:.1f} s")
@@ -328,13 +426,16 @@ def _describe(tensors) -> str:
     return "; ".join(f"{t.name} {t.dtype} ({', '.join(map(str, t.shape))})" for t in tensors)
 
 
-def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_dtype, verification, specs, text) -> dict:
+def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_dtype, verification, specs, text,
+              caption=None) -> dict:
     config = model.config
     files = sorted(p for p in staging.rglob("*") if p.is_file())
     thresholds = vocab.thresholds
     graphs = {spec.name: spec.manifest_entry() for spec in specs}
     if text is not None:
         graphs["text_encoder"] = text["graph_entry"]
+    if caption is not None:
+        graphs.update(caption["graph_entries"])
     manifest = {
         "format": bf.FORMAT_NAME,
         "format_version": bf.FORMAT_VERSION,
@@ -345,6 +446,7 @@ def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_
             "source": source,
             "image_size": config.image_size,
             "embed_dim": config.embed_dim,
+            "image_embed_dim": config.image_embed_dim,
             "num_image_tokens": config.swin.num_tokens,
             "config": config.to_dict(),
         },
@@ -362,6 +464,8 @@ def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_
             "source": model.tags.source,
             "dtype": vocab_dtype,
             "embedding_bytes": int(np.prod(vocab.embeddings.shape)) * np.dtype(vocab_dtype).itemsize,
+            "per_tag": sorted(vocab.per_tag),
+            "excluded_tags": excluded_tags(model),
         },
         "files": {p.relative_to(staging).as_posix(): bf.sha256_file(p) for p in files},
         "verification": None if verification is None else verification.to_dict(),
@@ -369,4 +473,6 @@ def _manifest(model, staging, precision, opset, max_batch, source, vocab, vocab_
     }
     if text is not None:
         manifest["text"] = text["section"]
+    if caption is not None:
+        manifest["caption"] = caption["section"]
     return manifest

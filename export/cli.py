@@ -18,6 +18,8 @@ examples:
   ram-export --text-encoder ViT-B-16.pt --out bundles/ram                 (add CLIP's text encoder to a bundle)
   ram-export --demo ram_plus_swin_l_384 --out bundles/demo               (seeded random weights, text encoder too)
   ram-export --demo ram_plus_tiny_384 --out bundles/tiny                 (seconds; for trying things out)
+  ram-export --checkpoint tag2text_swin_14m.pth --out bundles/tag2text    (tagging + captioning graphs)
+  ram-export --checkpoint ram_swin_large_14m.pth --captioning --out bundles/ram_caption   (RAM's captions)
 
 The text encoder (CLIP ViT-B/16's text tower: OpenAI's ViT-B-16.pt, an open_clip checkpoint or Hugging
 Face openai/clip-vit-base-patch16 model.safetensors) lets the runtime build open-set vocabularies from
@@ -52,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tags", metavar="FILE", help="tag names, one a line, in the checkpoint's class order (default: the official 4,585)")
     parser.add_argument("--variant", metavar="NAME", help="preset the checkpoint must match (a check; shapes are inferred)")
     parser.add_argument("--decoder-heads", type=int, default=4, help="tagging-head attention heads (default 4, as official)")
+    caption = parser.add_argument_group("captioning (Tag2Text; RAM where its widths allow)")
+    captioning = caption.add_mutually_exclusive_group()
+    captioning.add_argument("--captioning", dest="captioning", action="store_true", default=None,
+                            help="export the captioning graphs (tag_encoder.onnx, text_decoder.onnx); default for "
+                            "Tag2Text, on request for RAM (RAM++ has none)")
+    captioning.add_argument("--no-captioning", dest="captioning", action="store_false",
+                            help="tagging graphs only, also for Tag2Text")
+    caption.add_argument("--caption-heads", type=int, default=12, metavar="H",
+                         help="attention heads of the tag encoder and text decoder (not in the weights; default 12, "
+                         "as official)")
     parser.add_argument("--seed", type=int, default=0, help="seed of --demo weights (default 0)")
     parser.add_argument("--num-tags", type=int, help="with --demo: vocabulary size (default: the official 4,585)")
     parser.add_argument("--vocab-dtype", default="auto", choices=["auto", "float16", "float32"],
@@ -85,7 +97,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.no_text_encoder and args.text_encoder:
         parser.error("--no-text-encoder and --text-encoder contradict each other")
     for flag, value in (("--text-heads", args.text_heads), ("--num-tags", args.num_tags),
-                        ("--decoder-heads", args.decoder_heads), ("--image-size", args.image_size)):
+                        ("--decoder-heads", args.decoder_heads), ("--image-size", args.image_size),
+                        ("--caption-heads", args.caption_heads)):
         if value is not None and value < 1:
             parser.error(f"{flag} must be at least 1, got {value}")
     if args.num_tags is not None and not args.demo:
@@ -122,6 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from ram_edge.export.bundle import check_output_dir
         from ram_edge.models import CheckpointError, demo_model, load_checkpoint
         from ram_edge.models.checkpoint import as_tag_set
+        from ram_edge.models.demo import demo_config
         from ram_edge.models.clip_text import ClipCheckpointError, demo_clip_text, load_clip_text
 
         text_encoder = None
@@ -140,14 +154,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.checkpoint:
             say(f"loading {args.checkpoint}")
             model = load_checkpoint(
-                args.checkpoint, image_size=args.image_size, decoder_heads=args.decoder_heads, tags=args.tags, variant=args.variant
+                args.checkpoint, image_size=args.image_size, decoder_heads=args.decoder_heads, tags=args.tags, variant=args.variant,
+                captioning=args.captioning, caption_heads=args.caption_heads,
             )
             source = args.checkpoint.replace("\\", "/").split("/")[-1]
         else:
             say(f"building {args.demo} with demo weights (seed {args.seed})")
-            model = demo_model(args.demo, seed=args.seed, tags=as_tag_set(args.tags) if args.tags else None, num_tags=args.num_tags)
+            model = demo_model(demo_config(args.demo, args.captioning), seed=args.seed,
+                               tags=as_tag_set(args.tags) if args.tags else None, num_tags=args.num_tags)
             source = f"demo:seed={args.seed}"
-            if text_encoder is None and not args.no_text_encoder:
+            # Tag2Text's vocabulary is its learned table: no text encoder (open-set vocabularies) applies.
+            if text_encoder is None and not args.no_text_encoder and model.config.kind != "tag2text":
                 text_preset = "clip_tiny" if "_tiny_" in args.demo else "clip_vit_b_16"
                 say(f"building the demo text encoder ({text_preset}, seed {args.seed})")
                 text_encoder = demo_clip_text(text_preset, seed=args.seed)
@@ -166,6 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             vocab_dtype=args.vocab_dtype,
             text_encoder=text_encoder,
             text_precision=args.text_precision,
+            captioning=args.captioning,
             overwrite=args.overwrite,
             verify=not args.no_verify,
             progress=say,

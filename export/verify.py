@@ -13,7 +13,7 @@ from ram_edge.models import RAMTagger
 from ram_edge.models.clip_text import ClipTextModel
 from ram_edge.vocabulary import Vocabulary
 
-from .graphs import sample_token_ids
+from .graphs import sample_tag_prompts, sample_token_ids
 
 
 @dataclass
@@ -45,6 +45,29 @@ class TextVerification:
     @property
     def passed(self) -> bool:
         return bool(self.text_embeds_max_abs_error <= self.tolerance)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+@dataclass
+class CaptionVerification:
+    """The captioning graphs in onnxruntime against torch: the tag encoder on two tag prompts (one padded),
+    then the text decoder as the runtime drives it (the prompt with an empty cache, then single tokens,
+    each step fed the cache onnxruntime returned), on ``rows`` rows."""
+
+    tag_states_max_abs_error: float
+    cross_kv_max_abs_error: float
+    step_logits_max_abs_error: float
+    present_kv_max_abs_error: float
+    tolerance: float
+    steps: int
+    rows: int
+    reference: str = "torch fp32, same token ids"
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.step_logits_max_abs_error <= self.tolerance)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
@@ -96,11 +119,14 @@ def verify_bundle_graphs(model: RAMTagger, directory: Path, vocabulary: Vocabula
     # Copies: the vocabulary's arrays are read-only, torch wants writable ones.
     label_embed = np.array(vocabulary.embeddings, dtype=np.float32)
     label_mask = np.array(vocabulary.mask)
+    per_tag = {name: np.array(array) for name, array in vocabulary.per_tag.items()}  # Tag2Text's classifier rows
     with torch.no_grad():
         ref_embeds = model.encode_image(torch.from_numpy(pixels))
-        ref_logits = model.decode(ref_embeds, torch.from_numpy(label_embed), torch.from_numpy(label_mask)).numpy()
+        ref_logits = model.decode(ref_embeds, torch.from_numpy(label_embed), torch.from_numpy(label_mask),
+                                  **{name: torch.from_numpy(array) for name, array in per_tag.items()}).numpy()
     embeds = encoder.run(None, {bf.PIXEL_VALUES: pixels})[0]
-    logits = decoder.run(None, {bf.IMAGE_EMBEDS: embeds, bf.LABEL_EMBED: label_embed, bf.LABEL_MASK: label_mask})[0]
+    logits = decoder.run(None, {bf.IMAGE_EMBEDS: embeds, bf.LABEL_EMBED: label_embed, bf.LABEL_MASK: label_mask,
+                                **per_tag})[0]
     if logits.shape != ref_logits.shape:
         raise RuntimeError(f"decoder returned logits of shape {logits.shape}, expected {ref_logits.shape}")
 
@@ -115,3 +141,44 @@ def verify_bundle_graphs(model: RAMTagger, directory: Path, vocabulary: Vocabula
         batch=pixels.shape[0],
         num_tags=len(vocabulary),
     )
+
+
+def verify_caption_graphs(model: RAMTagger, directory: Path, tolerance: float, beams: int = 3,
+                          steps: int = 4) -> CaptionVerification:
+    """``tag_encoder.onnx`` and ``text_decoder.onnx`` in onnxruntime vs the model's captioning branch in
+    torch: tag states and cross keys / values for 2 images, then ``steps`` decoder steps on 2 x ``beams``
+    rows: the prompt with an empty cache (past length 0), then one token at a time, every step fed the
+    cache that onnxruntime returned, as the runtime does (errors of earlier steps are included)."""
+    caption = model.config.captioning
+    tag_encoder = _session(directory / bf.TAG_ENCODER_FILE)
+    text_decoder = _session(directory / bf.TEXT_DECODER_FILE)
+    generator = torch.Generator().manual_seed(3)
+    embeds = torch.randn(2, model.config.swin.num_tokens, model.config.image_embed_dim, generator=generator)
+    ids, mask = sample_tag_prompts(caption, (13, caption.tag_max_length), caption.tag_max_length, seed=3)
+    with torch.no_grad():
+        ref_states = model.encode_tags(embeds, ids, mask)
+        ref_cross = model.text_decoder.cross_kv(ref_states)
+    states, cross = tag_encoder.run(None, {bf.TAG_INPUT_IDS: ids.numpy(), bf.TAG_ATTENTION_MASK: mask.numpy(),
+                                           bf.IMAGE_EMBEDS: embeds.numpy()})
+    errors = {"states": float(np.abs(states - ref_states.numpy()).max()),
+              "cross": float(np.abs(cross - ref_cross.numpy()).max()), "logits": 0.0, "present": 0.0}
+
+    rows = 2 * beams
+    cross = np.repeat(cross, beams, axis=2)
+    ref_cross = ref_cross.repeat_interleave(beams, dim=2)
+    text = caption.text_decoder
+    past = np.zeros((text.num_layers, 2, rows, text.num_heads, 0, text.head_dim), dtype=np.float32)
+    ref_past = torch.from_numpy(past)
+    tokens = torch.tensor(caption.prompt_ids).repeat(rows, 1)
+    for _ in range(steps):
+        with torch.no_grad():
+            ref_logits, ref_past = model.text_decoder.step(tokens, ref_cross, ref_past)
+        logits, past = text_decoder.run(None, {bf.INPUT_IDS: tokens.numpy(), bf.CROSS_KV: cross, bf.PAST_KV: past})
+        if logits.shape != tuple(ref_logits.shape) or past.shape != tuple(ref_past.shape):
+            raise RuntimeError(f"text decoder returned {logits.shape} / {past.shape}, expected "
+                               f"{tuple(ref_logits.shape)} / {tuple(ref_past.shape)}")
+        errors["logits"] = max(errors["logits"], float(np.abs(logits - ref_logits.numpy()).max()))
+        errors["present"] = max(errors["present"], float(np.abs(past - ref_past.numpy()).max()))
+        tokens = torch.randint(1000, text.vocab_size - 2, (rows, 1), generator=generator)
+    return CaptionVerification(errors["states"], errors["cross"], errors["logits"], errors["present"], tolerance,
+                               steps, rows)

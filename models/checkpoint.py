@@ -323,7 +323,7 @@ def infer_captioning(state_dict: StateDict, *, heads: int = CAPTION_HEADS, sourc
     except ValueError as e:
         if isinstance(e, CheckpointError):
             raise
-        hint = "; pass caption_heads" if "heads" in str(e) else ""
+        hint = "; pass caption_heads (ram-export --caption-heads H)" if "heads" in str(e) else ""
         raise CheckpointError(f"{source}: {e}{hint}") from e
 
 

@@ -15,10 +15,30 @@ import torch
 
 from ram_edge.tags import TagSet
 
-from .config import RAMConfig, preset
+from .config import CaptionConfig, RAMConfig, TextConfig, official_captioning, preset
 from .tagging import RAMTagger
 
 WEIGHT_STD = 0.02
+
+
+def demo_config(name: str, captioning: Optional[bool] = None) -> RAMConfig:
+    """The preset ``name``, with its captioning branch as asked: ``None`` as the preset has it (Tag2Text's
+    do, RAM's do not), ``False`` none, ``True`` one (RAM: the official 12 + 12 BERT-base layers over a
+    full-size tagging head, else BERTs the size of the tagging head, which shares their first layers)."""
+    config = preset(name)
+    if captioning is False:
+        return replace(config, captioning=None)
+    if captioning and config.captioning is None:
+        if config.kind == "ram_plus":
+            raise ValueError("RAM++ has no captioning branch")
+        head = config.decoder
+        if (head.hidden_size, head.intermediate_size) == (768, 3072):
+            return replace(config, captioning=official_captioning(config.image_embed_dim))
+        text = TextConfig(hidden_size=head.hidden_size, num_heads=head.num_heads,
+                          intermediate_size=head.intermediate_size, num_layers=head.num_layers)
+        return replace(config, captioning=CaptionConfig(tag_encoder=replace(text, encoder_width=config.image_embed_dim),
+                                                        text_decoder=replace(text, encoder_width=text.hidden_size)))
+    return config
 
 
 @torch.no_grad()

@@ -6,11 +6,16 @@ A bundle directory holds::
     manifest.json            written last: a directory without it is not a bundle
     encoder.onnx             pixel_values (B,3,S,S) float32 -> image_embeds (B,1+N,E) float32
     decoder.onnx             image_embeds (B,1+N,E), label_embed (T,D,E) float32, label_mask (T,D) bool
-                             -> logits (B,T) float32
+                             [, Tag2Text: label_fc_weight (T,H), label_fc_bias (T,) float32] -> logits (B,T) float32
     vocabulary/              the default vocabulary, in the format of ``ram_edge.vocabulary``
     text_encoder.onnx        optional: input_ids (N,L) int64 -> text_embeds (N,E) float32 (CLIP's text tower)
     tokenizer/               with the text encoder: the CLIP BPE merges and their licence
-    NOTICE.recognize-anything.txt   when the official tag data is included
+    tag_encoder.onnx         optional (captioning): tag_input_ids (B,L) int64, tag_attention_mask (B,L) int64,
+                             image_embeds (B,1+N,E) -> tag_states (B,L,H), cross_kv (layers,2,B,heads,L,hd)
+    text_decoder.onnx        with the tag encoder: input_ids (B,S) int64, cross_kv, past_kv (layers,2,B,heads,P,hd)
+                             -> logits (B,S,V), present_kv (layers,2,B,heads,P+S,hd)
+    caption_tokenizer/       with the captioning graphs: BERT's WordPiece vocab.txt and its licence
+    NOTICE.recognize-anything.txt   when the official (RAM / RAM++ or Tag2Text) tag data is included
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ DECODER_FILE = "decoder.onnx"
 VOCABULARY_DIR = "vocabulary"
 TEXT_ENCODER_FILE = "text_encoder.onnx"
 TOKENIZER_DIR = "tokenizer"
+TAG_ENCODER_FILE = "tag_encoder.onnx"
+TEXT_DECODER_FILE = "text_decoder.onnx"
+CAPTION_TOKENIZER_DIR = "caption_tokenizer"
 
 # Graph input / output names (also recorded in the manifest, which is what readers should trust).
 PIXEL_VALUES = "pixel_values"
@@ -42,6 +50,16 @@ LABEL_MASK = "label_mask"
 LOGITS = "logits"
 INPUT_IDS = "input_ids"
 TEXT_EMBEDS = "text_embeds"
+# Tag2Text's per-tag classifier rows: decoder inputs fed from the vocabulary's per-tag arrays of these names.
+LABEL_FC_WEIGHT = "label_fc_weight"
+LABEL_FC_BIAS = "label_fc_bias"
+# Captioning graphs.
+TAG_INPUT_IDS = "tag_input_ids"
+TAG_ATTENTION_MASK = "tag_attention_mask"
+TAG_STATES = "tag_states"
+CROSS_KV = "cross_kv"
+PAST_KV = "past_kv"
+PRESENT_KV = "present_kv"
 
 # Upstream preprocessing (ARCHITECTURE.md): RGB, Pillow bilinear resize to S x S, /255, normalise.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -13,6 +13,17 @@ On disk (``docs/bundle.md``)::
                          "thresholds": [...] | null, "num_descriptions": [...], "embed_dim": E,
                          "dtype": "float16" | "float32", "info": {...} (optional: how it was built)}
       embeddings.npy    (T, D, E) in that dtype, D = max(num_descriptions), rows past a tag's count are zero
+      <name>.npy        optional per-tag arrays (T, ...) in that dtype, listed in vocabulary.json as
+                        "per_tag": {"<name>": {"shape": [...], "dtype": ...}} (shape without the T axis)
+
+Per-tag arrays are data the decoder needs for each tag besides its embeddings, fed to the graph under
+their own names: Tag2Text's classifier rows ``label_fc_weight`` (T, H) and ``label_fc_bias`` (T,).
+RAM and RAM++ vocabularies have none. Files without the key (and readers that ignore it) keep working.
+
+Names are unique, except in a learned table whose classes share names (Tag2Text's 3,429 tags hold 114
+names twice, e.g. "smile" the noun and the verb): built with ``unique_names=False`` (saved as
+``"unique_names": false``), such a vocabulary keeps upstream's names, and a name that stands for
+several tags is refused where a name must pick one (``index``, ``subset`` by name; select by index).
 
 In memory the embeddings are held once as a C-contiguous float32 (T, D, E) array, with the (T, D) bool
 mask beside it: exactly what the decoder graph takes, so a backend can bind them once per vocabulary
@@ -24,6 +35,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -45,6 +57,15 @@ VOCAB_FLOAT32_MAX_BYTES = 64 * 2**20
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 #: Model kinds a vocabulary can be built for: RAM++ keeps every description, RAM averages them.
 OPEN_SET_KINDS = ("ram_plus", "ram")
+#: Why Tag2Text has no open-set vocabularies (``Vocabulary.from_names`` and ``ram-vocab build`` say it).
+TAG2TEXT_OPEN_SET_MESSAGE = (
+    "Tag2Text scores only its learned 3,429-tag label table (each tag also has its own classifier row, which "
+    "no text encoder can produce): it has no open-set vocabularies; use a subset of its own vocabulary instead "
+    "(Vocabulary.subset)"
+)
+#: Per-tag array names: identifiers (they become graph input names and file names), not the embeddings'.
+_PER_TAG_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_RESERVED_PER_TAG = frozenset({"embeddings", "vocabulary", "label_embed", "label_mask"})
 
 PathLike = Union[str, os.PathLike]
 
@@ -65,7 +86,10 @@ class Vocabulary:
     * a list of T arrays of shape (D_t, E) (or (E,)), tags with different numbers of descriptions.
 
     ``thresholds`` are per-tag decision thresholds on the sigmoid probability (``None``: use the
-    bundle's default). ``names_zh`` are Chinese display names. Invalid input raises ``ValueError``.
+    bundle's default). ``names_zh`` are Chinese display names. ``per_tag`` maps names to (T, ...) float
+    arrays the decoder takes for each tag (Tag2Text's ``label_fc_weight`` / ``label_fc_bias``).
+    ``unique_names=False`` admits names shared by several tags (a learned table's classes, see the module
+    docstring). Invalid input raises ``ValueError``.
     """
 
     def __init__(
@@ -77,9 +101,12 @@ class Vocabulary:
         *,
         num_descriptions: Optional[Sequence[int]] = None,
         info: Optional[Mapping[str, Any]] = None,
+        per_tag: Optional[Mapping[str, Any]] = None,
+        unique_names: bool = True,
         _owned: bool = False,
     ):
-        self._names: List[str] = _check_names(names, "names")
+        self._unique_names = bool(unique_names)
+        self._names: List[str] = _check_names(names, "names", unique=self._unique_names)
         self._info: Dict[str, Any] = dict(info or {})
         num_tags = len(self._names)
         self._names_zh: Optional[List[str]] = None
@@ -115,6 +142,7 @@ class Vocabulary:
         padded[~mask] = 0.0  # padding is ignored by the graph; zero keeps the saved file canonical
         self._mask = _readonly(np.ascontiguousarray(mask))
         self._embeddings = _readonly(padded)
+        self._per_tag: Dict[str, np.ndarray] = _check_per_tag(per_tag or {}, self._names)
 
     # ----------------------------------------------------------------------------------------------
     # Properties
@@ -152,6 +180,16 @@ class Vocabulary:
         return self._embeddings.shape[0]
 
     @property
+    def unique_names(self) -> bool:
+        """False for a learned table whose names may repeat (see the module docstring)."""
+        return self._unique_names
+
+    @property
+    def per_tag(self) -> Dict[str, np.ndarray]:
+        """Per-tag arrays by name, each (T, ...) float32, C-contiguous, read-only (empty for RAM / RAM++)."""
+        return dict(self._per_tag)
+
+    @property
     def info(self) -> Dict[str, Any]:
         """How the vocabulary was built (recipe, text encoder, parts), as saved in vocabulary.json."""
         return dict(self._info)
@@ -171,7 +209,8 @@ class Vocabulary:
         return (
             f"Vocabulary(num_tags={self.num_tags}, max_descriptions={self.max_descriptions}, "
             f"embed_dim={self.embed_dim}, thresholds={'yes' if self._thresholds is not None else 'no'}, "
-            f"names_zh={'yes' if self._names_zh is not None else 'no'})"
+            f"names_zh={'yes' if self._names_zh is not None else 'no'}"
+            + (f", per_tag={sorted(self._per_tag)}" if self._per_tag else "") + ")"
         )
 
     def display_names(self, lang: str = "en") -> List[str]:
@@ -191,15 +230,24 @@ class Vocabulary:
         return np.full(self.num_tags, default, dtype=np.float32)
 
     def index(self, name: str) -> int:
+        """The position of the tag called ``name``; a name several tags share is refused (KeyError)."""
         try:
-            return self._name_to_index()[name]
+            i = self._name_to_index()[name]
         except KeyError:
             raise KeyError(f"tag {name!r} is not in this vocabulary") from None
+        if i < 0:
+            where = [j for j, n in enumerate(self._names) if n == name]
+            raise KeyError(f"tag name {name!r} stands for {len(where)} tags of this vocabulary (positions "
+                           f"{', '.join(map(str, where))}); select them by index")
+        return i
 
     def _name_to_index(self) -> Dict[str, int]:
+        """name -> position, or -1 for a name several tags share."""
         cache = getattr(self, "_index_cache", None)
         if cache is None:
-            cache = {n: i for i, n in enumerate(self._names)}
+            cache = {}
+            for i, n in enumerate(self._names):
+                cache[n] = -1 if n in cache else i
             self._index_cache = cache
         return cache
 
@@ -231,6 +279,8 @@ class Vocabulary:
             names_zh=None if self._names_zh is None else [self._names_zh[i] for i in indices],
             num_descriptions=counts,
             info={**self._info, "subset_of": self._info.get("recipe", "vocabulary"), "recipe": "subset"},
+            per_tag={name: array[idx] for name, array in self._per_tag.items()},
+            unique_names=self._unique_names,
         )
 
     @classmethod
@@ -242,7 +292,8 @@ class Vocabulary:
         Where one part has per-tag thresholds and another has none, the latter's tags get
         ``default_threshold`` (upstream's 0.68, what the Tagger would have used for them); where one part
         has Chinese names and another has none, the latter's English names stand in. Duplicate names
-        across parts are refused (names identify tags in the output).
+        across parts are refused (names identify tags in the output), and so are parts with different
+        per-tag arrays: a tag without its classifier row has no score, and nothing could stand in for it.
         """
         if len(vocabularies) == 1 and isinstance(vocabularies[0], (list, tuple)):
             vocabularies = tuple(vocabularies[0])
@@ -252,8 +303,12 @@ class Vocabulary:
         if len(widths) > 1:
             raise ValueError(f"Vocabulary.concat: embeddings of different widths {widths}; they come from "
                              "different text encoders")
+        _check_same_per_tag(vocabularies)
         names = [n for v in vocabularies for n in v._names]
-        _refuse_duplicates(names, "Vocabulary.concat")
+        # Parts of learned tables whose names repeat (all built with unique_names=False) may share names.
+        unique = any(v._unique_names for v in vocabularies)
+        if unique:
+            _refuse_duplicates(names, "Vocabulary.concat")
         depth = max(v.max_descriptions for v in vocabularies)
         embeddings = np.zeros((len(names), depth, widths[0]), dtype=np.float32)
         row = 0
@@ -270,6 +325,9 @@ class Vocabulary:
             names, embeddings, thresholds=thresholds, names_zh=names_zh,
             num_descriptions=np.concatenate([v._num_descriptions for v in vocabularies]),
             info={"recipe": "concat", "parts": [{"num_tags": v.num_tags, **v._info} for v in vocabularies]},
+            per_tag={name: np.concatenate([v._per_tag[name] for v in vocabularies])
+                     for name in vocabularies[0]._per_tag},
+            unique_names=unique,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -329,8 +387,7 @@ class Vocabulary:
         kind = kind if kind is not None else getattr(text_encoder, "model_kind", None)
         if kind not in OPEN_SET_KINDS:
             if kind == "tag2text":
-                raise ValueError("Tag2Text scores only its learned 3,429-tag label table: it has no open-set "
-                                 "vocabularies (use a subset of its own vocabulary instead)")
+                raise ValueError(TAG2TEXT_OPEN_SET_MESSAGE)
             raise ValueError(f"kind must be one of {OPEN_SET_KINDS} (the model the vocabulary is for), got {kind!r}")
         flat = [text for group in sentences for text in group]
         embeds = np.asarray(text_encoder.encode(flat, progress=progress), dtype=np.float32)
@@ -352,9 +409,10 @@ class Vocabulary:
 
     def storage_dtype(self, dtype: str = "auto") -> str:
         """The dtype :meth:`save` writes for ``dtype``: "auto" is float32 up to VOCAB_FLOAT32_MAX_BYTES of
-        embeddings (exact), float16 above (half the size)."""
+        embeddings and per-tag arrays (exact), float16 above (half the size)."""
         if dtype == "auto":
-            return "float32" if self._embeddings.nbytes <= VOCAB_FLOAT32_MAX_BYTES else "float16"
+            total = self._embeddings.nbytes + sum(a.nbytes for a in self._per_tag.values())
+            return "float32" if total <= VOCAB_FLOAT32_MAX_BYTES else "float16"
         if dtype not in STORED_DTYPES:
             raise ValueError(f"Vocabulary.save: dtype must be 'auto' or one of {STORED_DTYPES}, got {dtype!r}")
         return dtype
@@ -365,12 +423,15 @@ class Vocabulary:
         dtype = self.storage_dtype(dtype)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        peak = float(np.abs(self._embeddings).max()) if self._embeddings.size else 0.0
-        if dtype == "float16" and peak > _FLOAT16_MAX:
-            raise ValueError(
-                f"Vocabulary.save: an embedding component is {peak:g}, beyond float16's range "
-                f"({_FLOAT16_MAX:g}); normalise the embeddings first, or save with dtype='float32'"
-            )
+        arrays = {EMBEDDINGS_NPY: self._embeddings, **{f"{n}.npy": a for n, a in self._per_tag.items()}}
+        for file, array in arrays.items():
+            peak = float(np.abs(array).max()) if array.size else 0.0
+            if dtype == "float16" and peak > _FLOAT16_MAX:
+                what = "an embedding component" if file == EMBEDDINGS_NPY else f"a component of {file[:-4]}"
+                raise ValueError(
+                    f"Vocabulary.save: {what} is {peak:g}, beyond float16's range "
+                    f"({_FLOAT16_MAX:g}); normalise the embeddings first, or save with dtype='float32'"
+                )
         meta: Dict[str, Any] = {
             "format_version": VOCABULARY_FORMAT_VERSION,
             "names": self._names,
@@ -380,18 +441,24 @@ class Vocabulary:
             "embed_dim": int(self.embed_dim),
             "dtype": dtype,
         }
+        if not self._unique_names:
+            meta["unique_names"] = False
+        if self._per_tag:
+            meta["per_tag"] = {name: {"shape": list(array.shape[1:]), "dtype": dtype}
+                               for name, array in self._per_tag.items()}
         if self._info:
             meta["info"] = self._info
-        # Temporary names then rename, so an interrupted save never leaves a half-written file under
-        # the real name.
-        npy_tmp = directory / (EMBEDDINGS_NPY + ".tmp")
+        # Temporary names then rename (vocabulary.json last), so an interrupted save never leaves a
+        # half-written file under the real name.
         json_tmp = directory / (VOCABULARY_JSON + ".tmp")
-        with open(npy_tmp, "wb") as f:
-            np.save(f, self._embeddings.astype(dtype, copy=False), allow_pickle=False)
+        for file, array in arrays.items():
+            with open(directory / (file + ".tmp"), "wb") as f:
+                np.save(f, array.astype(dtype, copy=False), allow_pickle=False)
         with open(json_tmp, "w", encoding="utf-8") as f:
             json.dump(meta, f, ensure_ascii=False, indent=None, separators=(",", ":"))
             f.write("\n")
-        os.replace(npy_tmp, directory / EMBEDDINGS_NPY)
+        for file in arrays:
+            os.replace(directory / (file + ".tmp"), directory / file)
         os.replace(json_tmp, directory / VOCABULARY_JSON)
         return directory
 
@@ -437,6 +504,7 @@ class Vocabulary:
                 f"{npy_path}: shape {tuple(embeddings.shape)}, but {json_path.name} describes "
                 f"(num_tags, max(num_descriptions), embed_dim) = {expected}"
             )
+        per_tag = _load_per_tag(directory, meta.get("per_tag"), len(names))
         try:
             return cls(
                 names,
@@ -445,6 +513,8 @@ class Vocabulary:
                 names_zh=meta.get("names_zh"),
                 num_descriptions=counts,
                 info=meta.get("info") if isinstance(meta.get("info"), dict) else None,
+                per_tag=per_tag,
+                unique_names=meta.get("unique_names", True) is not False,
                 _owned=True,
             )
         except ValueError as e:
@@ -455,7 +525,76 @@ class Vocabulary:
 # Validation helpers
 
 
-def _check_names(names: Sequence[str], field: str) -> List[str]:
+def _check_per_tag(per_tag: Mapping[str, Any], names: List[str]) -> Dict[str, np.ndarray]:
+    """Per-tag arrays as read-only C-contiguous float32 copies, each (T, ...) for the T ``names``."""
+    if not isinstance(per_tag, Mapping):
+        raise ValueError(f"Vocabulary: per_tag must map names to arrays, got {type(per_tag).__name__}")
+    checked: Dict[str, np.ndarray] = {}
+    for name, values in per_tag.items():
+        if not isinstance(name, str) or not _PER_TAG_NAME.fullmatch(name) or name in _RESERVED_PER_TAG:
+            raise ValueError(f"Vocabulary: per-tag array name {name!r} must be an identifier (letters, digits, "
+                             f"underscores), not one of {sorted(_RESERVED_PER_TAG)}")
+        array = np.asarray(values)
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise ValueError(f"Vocabulary: per-tag array {name!r} must hold numbers, got dtype {array.dtype}")
+        if array.ndim < 1 or array.shape[0] != len(names):
+            raise ValueError(f"Vocabulary: per-tag array {name!r} has shape {array.shape}; its first axis must "
+                             f"be the {len(names)} tags")
+        array = np.array(array, dtype=np.float32, order="C", copy=True)
+        if not np.isfinite(array).all():
+            bad = np.flatnonzero(~np.isfinite(array.reshape(len(names), -1)).all(axis=1))
+            raise ValueError(f"Vocabulary: per-tag array {name!r} holds NaN or inf ({bad.size} tags, e.g. "
+                             f"{names[int(bad[0])]!r})")
+        checked[name] = _readonly(array)
+    return checked
+
+
+def _check_same_per_tag(vocabularies: Sequence["Vocabulary"]) -> None:
+    """Every part of a concatenation carries the same per-tag arrays (names and trailing shapes)."""
+    def layout(v: "Vocabulary") -> Dict[str, Tuple[int, ...]]:
+        return {name: array.shape[1:] for name, array in v._per_tag.items()}
+
+    first = layout(vocabularies[0])
+    for i, v in enumerate(vocabularies[1:], start=1):
+        other = layout(v)
+        if other != first:
+            def describe(arrays):
+                return ", ".join(f"{n} {(-1,) + s}" for n, s in arrays.items()) or "none"
+
+            raise ValueError(
+                f"Vocabulary.concat: part 0 has per-tag arrays {describe(first)} and part {i} has {describe(other)}; "
+                "every part must carry the same ones (Tag2Text's classifier rows come only from its checkpoint: "
+                "concatenate subsets of one Tag2Text vocabulary, not other vocabularies)"
+            )
+
+
+def _load_per_tag(directory: Path, listed: Any, num_tags: int) -> Dict[str, np.ndarray]:
+    """The per-tag arrays ``vocabulary.json`` lists (``"per_tag"``, optional), checked against their files."""
+    if listed is None:
+        return {}
+    json_path = directory / VOCABULARY_JSON
+    if not isinstance(listed, dict):
+        raise ValueError(f"{json_path}: 'per_tag' must be an object name -> {{\"shape\": [...], \"dtype\": ...}}")
+    arrays = {}
+    for name, spec in listed.items():
+        if not isinstance(name, str) or not _PER_TAG_NAME.fullmatch(name) or name in _RESERVED_PER_TAG:
+            raise ValueError(f"{json_path}: per-tag array name {name!r} is not an identifier")
+        path = directory / f"{name}.npy"
+        if not path.is_file():
+            raise ValueError(f"{directory}: {json_path.name} lists the per-tag array {name!r} but {path.name} is missing")
+        try:
+            array = read_npy_float32(path)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: unreadable ({e})") from e
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        if not isinstance(shape, list) or tuple(array.shape) != (num_tags, *shape):
+            raise ValueError(f"{path}: shape {tuple(array.shape)}, but {json_path.name} describes "
+                             f"(num_tags, *shape) = {(num_tags, *(shape or []))}")
+        arrays[name] = array
+    return arrays
+
+
+def _check_names(names: Sequence[str], field: str, unique: bool = True) -> List[str]:
     if isinstance(names, str):
         raise ValueError(f"Vocabulary: {field} must be a sequence of strings, not one string")
     result = list(names)
@@ -464,7 +603,8 @@ def _check_names(names: Sequence[str], field: str) -> List[str]:
     for i, n in enumerate(result):
         if not isinstance(n, str) or not n.strip():
             raise ValueError(f"Vocabulary: {field}[{i}] is {n!r}; tag names are non-empty strings")
-    _refuse_duplicates(result, "Vocabulary")
+    if unique:
+        _refuse_duplicates(result, "Vocabulary")
     return result
 
 

@@ -15,12 +15,14 @@ from .backends import (
     Backend, TensorInfo, available_backends, get_backend_class, register_backend, resolve_backend,
 )
 from .preprocess import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageError, Preprocessor
+from .caption import CaptionResult
 from .tagger import ClassResult, TagResult, Tagger, sigmoid
 from .text_encoder import TextEncoder
 
 __all__ = [
     "Backend",
     "BundleError",
+    "CaptionResult",
     "ClassResult",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,6 +28,17 @@ ADD_TEXT_ENCODER_HINT = (
 )
 
 
+#: What to tell a user whose bundle has no captioning graphs, by model kind.
+ADD_CAPTIONING_HINT = {
+    "tag2text": "re-export it with them: `ram-export --checkpoint tag2text_swin_14m.pth --out {bundle} --overwrite` "
+                "(Tag2Text bundles get tag_encoder.onnx and text_decoder.onnx unless --no-captioning is given)",
+    "ram": "re-export it with `ram-export --checkpoint ram_swin_large_14m.pth --captioning --out {bundle} --overwrite` "
+           "(RAM's captioning branch is exported on request)",
+    "ram_plus": "RAM++ has no captioning branch; caption with a Tag2Text bundle (`ram-export --checkpoint "
+                "tag2text_swin_14m.pth --out DIR`) or an official RAM one exported with --captioning",
+}
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """One graph as the manifest declares it."""
@@ -35,6 +46,34 @@ class GraphSpec:
     file: str
     inputs: Tuple[TensorInfo, ...]
     outputs: Tuple[TensorInfo, ...]
+
+
+@dataclass(frozen=True)
+class CaptionInfo:
+    """The manifest's ``caption`` section, checked: the captioning graphs, BERT's tokenizer and how
+    upstream's ``generate`` drives them (token ids, prompt, tag prompt length, search defaults)."""
+
+    tag_encoder: GraphSpec
+    text_decoder: GraphSpec
+    tokenizer_path: Path
+    lowercase: bool
+    added_tokens: Tuple[str, ...]
+    special_tokens: Dict[str, int]
+    prompt: str
+    prompt_ids: Tuple[int, ...]
+    bos_token_id: int
+    enc_token_id: int
+    eos_token_id: int
+    pad_token_id: int
+    tag_max_length: int
+    tag_separator: str
+    num_beams: int
+    max_length: int
+    min_length: int
+    repetition_penalty: float
+    vocab_size: int
+    #: Positions the text decoder has (its position embeddings): the longest caption it can make.
+    max_positions: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -53,6 +92,11 @@ class BundleInfo:
     text_encoder: Optional[GraphSpec] = None
     tokenizer_path: Optional[Path] = None
     context_length: int = 77
+    #: Width of the image embeddings: ``embed_dim`` for RAM / RAM++, Swin's own for Tag2Text (no image_proj).
+    image_embed_dim: Optional[int] = None
+    #: Tags the model scores but never outputs (Tag2Text's delete_tag_index), by name.
+    excluded_tags: Tuple[str, ...] = ()
+    caption: Optional[CaptionInfo] = None
 
     @property
     def encoder_path(self) -> Path:
@@ -80,6 +124,15 @@ class BundleInfo:
         return self.decoder.inputs[2].name
 
     @property
+    def per_tag_input_names(self) -> Tuple[str, ...]:
+        """Decoder inputs after the three above: per-tag arrays of the vocabulary (Tag2Text's classifier rows)."""
+        return tuple(t.name for t in self.decoder.inputs[3:])
+
+    @property
+    def image_width(self) -> int:
+        return self.embed_dim if self.image_embed_dim is None else self.image_embed_dim
+
+    @property
     def logits_name(self) -> str:
         return self.decoder.outputs[0].name
 
@@ -97,6 +150,18 @@ class BundleInfo:
             raise BundleError(f"{self.path}: this bundle has no text encoder; "
                               + ADD_TEXT_ENCODER_HINT.format(bundle=self.path))
         return self.path / self.text_encoder.file
+
+    @property
+    def has_captioning(self) -> bool:
+        return self.caption is not None
+
+    def require_captioning(self) -> CaptionInfo:
+        """The caption section, or a BundleError saying which export adds the captioning graphs."""
+        if self.caption is None:
+            hint = ADD_CAPTIONING_HINT.get(self.model_kind, ADD_CAPTIONING_HINT["ram"])
+            raise BundleError(f"{self.path}: this {self.model_kind} bundle has no captioning graphs (tag_encoder.onnx, "
+                              f"text_decoder.onnx); " + hint.format(bundle=self.path))
+        return self.caption
 
     @property
     def logit_scale(self) -> float:
@@ -122,9 +187,11 @@ def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
     image_size = get(model, "image_size", int, "model.")
     embed_dim = get(model, "embed_dim", int, "model.")
     num_image_tokens = get(model, "num_image_tokens", int, "model.")
+    image_embed_dim = get(model, "image_embed_dim", int, "model.") if "image_embed_dim" in model else None
     graphs = get(manifest, "graphs", dict, "")
     encoder = _graph_spec(get(graphs, "encoder", dict, "graphs."), "encoder", where, 1, 1)
-    decoder = _graph_spec(get(graphs, "decoder", dict, "graphs."), "decoder", where, 3, 1)
+    # 3 inputs, or 5 with Tag2Text's per-tag classifier rows.
+    decoder = _graph_spec(get(graphs, "decoder", dict, "graphs."), "decoder", where, (3, 5), 1)
     text_encoder, tokenizer_path, context_length = None, None, 77
     if "text_encoder" in graphs:
         text_encoder = _graph_spec(get(graphs, "text_encoder", dict, "graphs."), "text_encoder", where, 1, 1)
@@ -132,12 +199,16 @@ def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
         tokenizer = get(text, "tokenizer", dict, "text.")
         tokenizer_path = bundle_dir / _safe_relative(get(tokenizer, "file", str, "text.tokenizer."), where)
         context_length = get(tokenizer, "context_length", int, "text.tokenizer.")
+    caption = _caption_info(manifest, graphs, bundle_dir, where, get) if "caption" in manifest else None
     vocab_meta = manifest.get("vocabulary") or {}
     vocab_dir = vocab_meta.get("dir", "vocabulary") if isinstance(vocab_meta, dict) else "vocabulary"
     default_threshold = vocab_meta.get("default_threshold", DEFAULT_THRESHOLD) if isinstance(vocab_meta, dict) \
         else DEFAULT_THRESHOLD
     if not isinstance(default_threshold, (int, float)) or not 0.0 <= float(default_threshold) <= 1.0:
         raise BundleError(f"{where}: vocabulary.default_threshold is {default_threshold!r}, not in [0, 1]")
+    excluded = vocab_meta.get("excluded_tags", []) if isinstance(vocab_meta, dict) else []
+    if not isinstance(excluded, list) or not all(isinstance(n, str) for n in excluded):
+        raise BundleError(f"{where}: vocabulary.excluded_tags must be a list of tag names. Re-run `ram-export`.")
 
     info = BundleInfo(
         path=bundle_dir,
@@ -152,17 +223,61 @@ def open_bundle(bundle_dir, verify_files: bool = True) -> BundleInfo:
         text_encoder=text_encoder,
         tokenizer_path=tokenizer_path,
         context_length=context_length,
+        image_embed_dim=image_embed_dim,
+        excluded_tags=tuple(excluded),
+        caption=caption,
     )
     _check_declared_shapes(info, where)
     _check_files(info, get(manifest, "files", dict, ""), where, verify_files)
     return info
 
 
-def _graph_spec(spec: Mapping, role: str, where: Path, n_inputs: int, n_outputs: int) -> GraphSpec:
-    def tensors(key: str, count: int) -> Tuple[TensorInfo, ...]:
+def _caption_info(manifest: Mapping, graphs: Mapping, bundle_dir: Path, where: Path, get) -> CaptionInfo:
+    caption = get(manifest, "caption", dict, "")
+    tokenizer = get(caption, "tokenizer", dict, "caption.")
+    search = get(caption, "search", dict, "caption.")
+    special = get(tokenizer, "special_tokens", dict, "caption.tokenizer.")
+    if not all(isinstance(k, str) and isinstance(v, int) for k, v in special.items()):
+        raise BundleError(f"{where}: caption.tokenizer.special_tokens must map tokens to ids. Re-run `ram-export`.")
+    prompt_ids = get(caption, "prompt_ids", list, "caption.")
+    if not prompt_ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in prompt_ids):
+        raise BundleError(f"{where}: caption.prompt_ids must be a non-empty list of token ids. Re-run `ram-export`.")
+    info = CaptionInfo(
+        tag_encoder=_graph_spec(get(graphs, "tag_encoder", dict, "graphs."), "tag_encoder", where, 3, 2),
+        text_decoder=_graph_spec(get(graphs, "text_decoder", dict, "graphs."), "text_decoder", where, 3, 2),
+        tokenizer_path=bundle_dir / _safe_relative(get(tokenizer, "file", str, "caption.tokenizer."), where),
+        lowercase=get(tokenizer, "lowercase", bool, "caption.tokenizer."),
+        added_tokens=tuple(get(tokenizer, "added_tokens", list, "caption.tokenizer.")),
+        special_tokens=dict(special),
+        prompt=get(caption, "prompt", str, "caption."),
+        prompt_ids=tuple(prompt_ids),
+        bos_token_id=get(caption, "bos_token_id", int, "caption."),
+        enc_token_id=get(caption, "enc_token_id", int, "caption."),
+        eos_token_id=get(caption, "eos_token_id", int, "caption."),
+        pad_token_id=get(caption, "pad_token_id", int, "caption."),
+        tag_max_length=get(caption, "tag_max_length", int, "caption."),
+        tag_separator=get(caption, "tag_separator", str, "caption."),
+        num_beams=get(search, "num_beams", int, "caption.search."),
+        max_length=get(search, "max_length", int, "caption.search."),
+        min_length=get(search, "min_length", int, "caption.search."),
+        repetition_penalty=float(get(search, "repetition_penalty", (int, float), "caption.search.")),
+        vocab_size=get(caption, "vocab_size", int, "caption."),
+        max_positions=(caption.get("cache") or {}).get("max_positions"),
+    )
+    if not (0 < len(info.prompt_ids) < info.min_length <= info.max_length) or info.num_beams < 1 or info.tag_max_length < 2:
+        raise BundleError(f"{where}: caption section has inconsistent lengths (prompt {len(info.prompt_ids)}, min_length "
+                          f"{info.min_length}, max_length {info.max_length}, num_beams {info.num_beams}, "
+                          f"tag_max_length {info.tag_max_length}). Re-run `ram-export`.")
+    return info
+
+
+def _graph_spec(spec: Mapping, role: str, where: Path, n_inputs: Union[int, Tuple[int, ...]], n_outputs: int) -> GraphSpec:
+    def tensors(key: str, count: Union[int, Tuple[int, ...]]) -> Tuple[TensorInfo, ...]:
         items = spec.get(key)
-        if not isinstance(items, list) or len(items) != count:
-            raise BundleError(f"{where}: graphs.{role}.{key} must list {count} tensor(s). Re-run `ram-export`.")
+        counts = (count,) if isinstance(count, int) else count
+        if not isinstance(items, list) or len(items) not in counts:
+            raise BundleError(f"{where}: graphs.{role}.{key} must list {' or '.join(map(str, counts))} tensor(s). "
+                              "Re-run `ram-export`.")
         out = []
         for item in items:
             try:
@@ -191,6 +306,10 @@ def _check_files(info: BundleInfo, files: Mapping[str, Any], where: Path, verify
     required_files = [info.encoder.file, info.decoder.file]
     if info.text_encoder is not None:
         required_files += [info.text_encoder.file, info.tokenizer_path.relative_to(info.path).as_posix()]
+    if info.caption is not None:
+        caption = info.caption
+        required_files += [caption.tag_encoder.file, caption.text_decoder.file,
+                           caption.tokenizer_path.relative_to(info.path).as_posix()]
     for required in required_files:
         if required not in files:
             raise BundleError(f"{where}: 'files' lists no sha256 for {required}. Re-run `ram-export`.")
@@ -223,15 +342,15 @@ def _fmt(shape: Sequence) -> str:
 
 
 def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
-    S, E = info.image_size, info.embed_dim
+    S, E, W = info.image_size, info.embed_dim, info.image_width
     pixels = info.encoder.inputs[0]
     embeds_out = info.encoder.outputs[0]
-    embeds_in, label_embed, label_mask = info.decoder.inputs
+    embeds_in, label_embed, label_mask = info.decoder.inputs[:3]
     logits = info.decoder.outputs[0]
     expectations = [
         (pixels, (None, 3, S, S), np.float32),
-        (embeds_out, (None, info.num_image_tokens, E), np.float32),
-        (embeds_in, (None, info.num_image_tokens, E), np.float32),
+        (embeds_out, (None, info.num_image_tokens, W), np.float32),
+        (embeds_in, (None, info.num_image_tokens, W), np.float32),
         (label_embed, (None, None, E), np.float32),
         (label_mask, (None, None), np.bool_),
         (logits, (None, None), np.float32),
@@ -241,8 +360,14 @@ def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
             raise BundleError(
                 f"{where}: graph tensor {tensor.describe()} disagrees with the model section "
                 f"(expected {np.dtype(dtype).name} {_fmt(shape)} for image_size={S}, embed_dim={E}, "
-                f"num_image_tokens={info.num_image_tokens}). Re-run `ram-export`."
+                f"image embeddings {W} wide, num_image_tokens={info.num_image_tokens}). Re-run `ram-export`."
             )
+    for tensor in info.decoder.inputs[3:]:  # per-tag inputs (Tag2Text's classifier rows): float32, rows = tags
+        if tensor.dtype != np.dtype(np.float32) or not tensor.shape or isinstance(tensor.shape[0], int):
+            raise BundleError(f"{where}: decoder input {tensor.describe()} should be a float32 per-tag array, one "
+                              "row per tag (a dynamic first axis). Re-run `ram-export`.")
+    if info.caption is not None:
+        _check_caption_shapes(info, where)
     if info.text_encoder is not None:
         for tensor, shape, dtype in (
             (info.text_encoder.inputs[0], (None, None), np.int64),
@@ -259,6 +384,31 @@ def _check_declared_shapes(info: BundleInfo, where: Path) -> None:
             f"{where}: encoder output {embeds_out.describe()} does not match decoder input "
             f"{embeds_in.describe()}: the graphs come from different models. Re-run `ram-export`."
         )
+
+
+def _check_caption_shapes(info: BundleInfo, where: Path) -> None:
+    """The captioning graphs' declared I/O: dtypes, the image embeddings they read, the cache's rank, and
+    the decoder's cache and vocabulary agreeing with the tag encoder's cross keys / values."""
+    caption = info.caption
+    ids, mask, embeds = caption.tag_encoder.inputs
+    states, cross_out = caption.tag_encoder.outputs
+    step_ids, cross_in, past = caption.text_decoder.inputs
+    logits, present = caption.text_decoder.outputs
+    cache = (None, 2, None, None, None, None)
+    for tensor, shape, dtype in (
+        (ids, (None, None), np.int64), (mask, (None, None), np.int64),
+        (embeds, (None, info.num_image_tokens, info.image_width), np.float32),
+        (states, (None, None, None), np.float32), (cross_out, cache, np.float32),
+        (step_ids, (None, None), np.int64), (cross_in, cache, np.float32), (past, cache, np.float32),
+        (logits, (None, None, caption.vocab_size), np.float32), (present, cache, np.float32),
+    ):
+        if not _dims_agree(tensor.shape, shape) or tensor.dtype != np.dtype(dtype):
+            raise BundleError(f"{where}: captioning graph tensor {tensor.describe()} should be {np.dtype(dtype).name} "
+                              f"{_fmt(shape)}. Re-run `ram-export`.")
+    for a, b in ((cross_out, cross_in), (cross_in, past), (past, present)):
+        if not _dims_agree([d for i, d in enumerate(a.shape) if i != 4], [d for i, d in enumerate(b.shape) if i != 4]):
+            raise BundleError(f"{where}: {a.describe()} and {b.describe()} should share layers, heads and head_dim: "
+                              "the captioning graphs come from different models. Re-run `ram-export`.")
 
 
 def check_backend_io(info: BundleInfo, role: str, spec: GraphSpec, backend: Backend) -> None:

@@ -24,6 +24,8 @@ FORMATS = ("text", "json", "jsonl", "csv", "prompt")
 SUFFIX_FORMATS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".txt": "text",
                   ".tsv": "text"}
 CSV_FIELDS = ("path", "tags", "probabilities", "error")
+#: The csv columns with --caption.
+CSV_CAPTION_FIELDS = CSV_FIELDS + ("caption",)
 CSV_SEPARATOR = "|"
 
 DESCRIPTION = """\
@@ -37,6 +39,7 @@ examples:
   ram-tag bundle/ photos/ --tags "otter,kayak,paddle board"        # open-set tags, built on the fly
   ram-tag bundle/ photos/ --classify "cat,dog,bird"                 # zero-shot: one label per image
   ram-tag bundle/ photos/ --format prompt                           # Grounding DINO prompts
+  ram-tag tag2text_bundle/ photos/ --caption --format jsonl         # tags and a caption per image
   ram-tag bundle/ photos/ s3://bucket/shots/ --ray local --out tags.parquet  # Ray Data, Parquet shards
 """
 
@@ -55,6 +58,11 @@ of "tags"; --top-k keeps that many classes (default: all).
 
 A tag is listed when its probability is above the threshold (default: the vocabulary's per-tag
 thresholds, else the bundle's default), most probable first, at most --top-k.
+
+With --caption every record also holds "caption" (json / jsonl), a caption column (csv), or the
+caption after one more TAB (text, prompt). Captions are made from the tags the vocabulary's own
+thresholds select (not --threshold / --top-k), or from --caption-tags, as upstream's Tag2Text does;
+the bundle needs the captioning graphs (Tag2Text; RAM exported with --captioning).
 
 The format is taken from the --out suffix (.json, .jsonl, .csv, .txt) unless --format is given. An
 existing --out is never replaced silently: --resume continues it (in the same format), --overwrite
@@ -96,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one probability threshold in [0, 1] for every tag (default: per-tag thresholds)")
     g.add_argument("--top-k", type=int, metavar="K", help="at most K tags per image")
     g.add_argument("--lang", choices=("en", "zh"), default="en", help="tag names in English or Chinese")
+    g = p.add_argument_group("captions (Tag2Text; RAM exported with --captioning)")
+    g.add_argument("--caption", action="store_true", help="add a caption to every record")
+    g.add_argument("--caption-tags", metavar="TAGS",
+                   help='caption every image from these tags instead of its predicted ones, e.g. "dog, frisbee" '
+                        "(implies --caption; empty: the predicted ones)")
+    g.add_argument("--num-beams", type=int, metavar="N",
+                   help="caption search: beams (default the bundle's, upstream's 3; 1 = greedy)")
     g = p.add_argument_group("output")
     g.add_argument("--format", choices=FORMATS, help="output format (default: from the --out suffix, else text)")
     g.add_argument("--out", metavar="FILE", help="write results to FILE (default: standard output)")
@@ -145,10 +160,14 @@ def to_record(item: FileResult) -> Dict[str, object]:
     if item.error is not None:
         return {"path": item.path, "error": item.error}
     if item.classes is not None:
-        return {"path": item.path, "classes": list(item.classes.labels),
-                "probabilities": [round(p, 4) for p in item.classes.probabilities]}
-    return {"path": item.path, "tags": list(item.result.tags),
-            "probabilities": [round(p, 4) for p in item.result.probabilities]}
+        record = {"path": item.path, "classes": list(item.classes.labels),
+                  "probabilities": [round(p, 4) for p in item.classes.probabilities]}
+    else:
+        record = {"path": item.path, "tags": list(item.result.tags),
+                  "probabilities": [round(p, 4) for p in item.result.probabilities]}
+    if item.caption is not None:
+        record["caption"] = item.caption.text
+    return record
 
 
 def _labels(item: FileResult):
@@ -172,7 +191,7 @@ def detect_format(path: Path) -> Optional[str]:
         return "json"
     if head.startswith("{"):
         return "jsonl"
-    if head.split("\n", 1)[0].strip() == ",".join(CSV_FIELDS):
+    if head.split("\n", 1)[0].strip() in (",".join(CSV_FIELDS), ",".join(CSV_CAPTION_FIELDS)):
         return "csv"
     first = head.split("\n", 1)[0]
     if "\t" in first:
@@ -188,8 +207,10 @@ class Writer:
     written whole — every record in it stays complete — and :class:`OutputError` is raised."""
 
     def __init__(self, fmt: str, fresh: bool, json_prefix: Sequence[Dict[str, object]] = (),
-                 path: Optional[Path] = None, append: bool = False, stream: Optional[TextIO] = None):
+                 path: Optional[Path] = None, append: bool = False, stream: Optional[TextIO] = None,
+                 caption: bool = False):
         self.fmt = fmt
+        self._fields = CSV_CAPTION_FIELDS if caption else CSV_FIELDS
         self._count = 0
         self._text = io.StringIO()
         self._stream = stream
@@ -198,7 +219,7 @@ class Writer:
             flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC)
             self._fd = os.open(path, flags, 0o666)
         self._good = os.lseek(self._fd, 0, os.SEEK_END) if self._fd is not None else 0
-        self._csv = csv.DictWriter(self._text, fieldnames=CSV_FIELDS, lineterminator="\n") if fmt == "csv" else None
+        self._csv = csv.DictWriter(self._text, fieldnames=self._fields, lineterminator="\n") if fmt == "csv" else None
         if self._csv is not None and fresh:
             self._csv.writeheader()
         if fmt == "json":
@@ -214,7 +235,7 @@ class Writer:
     def _emit(self) -> None:
         text, self._text = self._text.getvalue(), io.StringIO()
         if self._csv is not None:
-            self._csv = csv.DictWriter(self._text, fieldnames=CSV_FIELDS, lineterminator="\n")
+            self._csv = csv.DictWriter(self._text, fieldnames=self._fields, lineterminator="\n")
         if not text:
             return
         if self._fd is None:
@@ -241,12 +262,15 @@ class Writer:
             elif self.fmt == "json":
                 self._write_json(record)
             elif self.fmt == "csv":
-                self._csv.writerow({
+                row = {
                     "path": item.path,
                     "tags": CSV_SEPARATOR.join(record.get("tags", record.get("classes", []))),
                     "probabilities": CSV_SEPARATOR.join(f"{p:.4f}" for p in record.get("probabilities", [])),
                     "error": item.error or "",
-                })
+                }
+                if self._fields is CSV_CAPTION_FIELDS:
+                    row["caption"] = record.get("caption", "")
+                self._csv.writerow(row)
             else:
                 if item.error is not None:
                     body = f"error: {item.error}"
@@ -254,6 +278,8 @@ class Writer:
                     body = item.result.as_prompt()
                 else:
                     body = ", ".join(f"{t} ({p:.3f})" for t, p in zip(*_labels(item)))
+                if item.caption is not None:
+                    body += f"\t{item.caption.text}"
                 self._text.write(f"{item.path}\t{body}\n")
         self._emit()
 
@@ -358,7 +384,7 @@ def check_output(out: Path, fmt: str, resume: bool, overwrite: bool) -> Optional
 def _bundle_summary(bundle: str) -> str:
     """'encoder.onnx 801 MiB, decoder.onnx 53 MiB, ...' for the loading message (best effort)."""
     sizes = []
-    for name in ("encoder.onnx", "decoder.onnx", "text_encoder.onnx"):
+    for name in ("encoder.onnx", "decoder.onnx", "text_encoder.onnx", "tag_encoder.onnx", "text_decoder.onnx"):
         path = Path(bundle) / name
         if path.is_file():
             sizes.append(f"{name} {path.stat().st_size / 2**20:.0f} MiB")
@@ -387,12 +413,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _error(f"--tag-chunk must be >= 1, got {args.tag_chunk}")
     if args.resume and not args.out:
         return _error("--resume needs --out FILE (the file to continue)")
+    if args.caption_tags is not None:
+        args.caption = True
+    if args.num_beams is not None and not args.caption:
+        return _error("--num-beams applies to captions: add --caption")
+    if args.num_beams is not None and args.num_beams < 1:
+        return _error(f"--num-beams must be >= 1, got {args.num_beams}")
     if args.thresholds and not (args.tags or args.descriptions):
         return _error("--thresholds applies to --tags or --descriptions")
     fmt = _output_format(args)
     if args.ray is not None:
-        if args.classify:
-            return _error("--ray writes tags; run --classify without --ray")
+        if args.classify or args.caption:
+            return _error(f"--ray writes tags; run {'--classify' if args.classify else '--caption'} without --ray")
         try:
             from ram_edge.distributed.cli import run as run_on_ray  # only here: Ray is an optional extra
         except ImportError as e:
@@ -481,6 +513,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                         tagger.text_encoder, thresholds=thresholds, progress=not args.quiet))
         if classes is not None:
             tagger.class_embeddings(classes)
+        caption = None
+        if args.caption:  # load the captioning graphs now: a bundle without them fails before any image
+            from .caption import CaptionRequest
+
+            caption = CaptionRequest(args.caption_tags, tagger.captioner.settings(num_beams=args.num_beams))
     except (BundleError, ValueError) as e:
         tagger.close()
         return _error(str(e))
@@ -502,7 +539,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     writer: Optional[Writer] = None
     try:
         writer = Writer(fmt, fresh=fresh, json_prefix=json_prefix, path=out_path,
-                        append=args.resume and fmt != "json", stream=sys.stdout)
+                        append=args.resume and fmt != "json", stream=sys.stdout, caption=caption is not None)
     except OSError as e:
         output_error = e
 
@@ -521,7 +558,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     bar = tqdm(total=len(paths) + len(failures), unit="img", file=sys.stderr, disable=args.quiet,
                dynamic_ncols=True)
     batches = tag_files(tagger, paths, batch_size=batch_size, threshold=args.threshold, top_k=args.top_k,
-                        lang=args.lang, workers=args.workers, classify=classes)
+                        lang=args.lang, workers=args.workers, classify=classes, caption=caption)
     try:
         if output_error is None:
             if failures:

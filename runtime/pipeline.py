@@ -19,19 +19,21 @@ import numpy as np
 
 from ram_edge.vocabulary import Vocabulary
 
+from .caption import CaptionRequest, CaptionResult
 from .preprocess import ImageError, is_image_path
-from .tagger import ClassResult, TagResult, Tagger
+from .tagger import ClassResult, TagResult, Tagger, sigmoid
 
 
 @dataclass(frozen=True)
 class FileResult:
-    """One input's outcome: ``result`` when it was tagged (``classes`` when it was classified), else
-    ``error`` says why not."""
+    """One input's outcome: ``result`` when it was tagged (``classes`` when it was classified; ``caption``
+    when captioned too), else ``error`` says why not."""
 
     path: str
     result: Optional[TagResult] = None
     error: Optional[str] = None
     classes: Optional[ClassResult] = None
+    caption: Optional[CaptionResult] = None
 
     @property
     def ok(self) -> bool:
@@ -96,12 +98,15 @@ def tag_files(
     workers: Optional[int] = None,
     prefetch_batches: int = 2,
     classify: Optional[Union[Sequence[str], Vocabulary]] = None,
+    caption: Optional[CaptionRequest] = None,
 ) -> Iterator[List[FileResult]]:
     """Yield one list of :class:`FileResult` per batch, in input order.
 
     A file that cannot be read or decoded fails alone (its ``error`` says why); the rest of its batch is
     tagged. Each batch of good images is one encoder and one decoder call. With ``classify`` (class
     names or a Vocabulary) images are classified zero-shot instead (encoder only; ``top_k`` classes).
+    With ``caption`` every image is also captioned from the same image embeddings (and, for predicted
+    tags, the same probabilities).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -110,10 +115,23 @@ def tag_files(
         tagger.class_embeddings(classify)  # embed the class names once, before any image
 
     def infer(pixels: np.ndarray) -> List[FileResult]:
+        if caption is not None:
+            return infer_with_captions(pixels)
         if classify is not None:
             return [FileResult("", classes=c) for c in tagger.classify_embeds(tagger.encode(pixels), classify, top_k)]
         return [FileResult("", result=r) for r in
                 tagger.select(tagger.probabilities(pixels), threshold, top_k, names=names)]
+
+    def infer_with_captions(pixels: np.ndarray) -> List[FileResult]:
+        embeds = tagger.encode(pixels)
+        if classify is not None:
+            found = [FileResult("", classes=c) for c in tagger.classify_embeds(embeds, classify, top_k)]
+            probabilities = None
+        else:
+            probabilities = sigmoid(tagger.decode(embeds))
+            found = [FileResult("", result=r) for r in tagger.select(probabilities, threshold, top_k, names=names)]
+        captions = tagger.caption_embeds(embeds, caption.tags, probabilities, settings=caption.settings)
+        return [replace(item, caption=c) for item, c in zip(found, captions)]
 
     workers = workers or min(8, os.cpu_count() or 1)
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ram-tag-decode")

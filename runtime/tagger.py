@@ -16,6 +16,7 @@ from ram_edge.vocabulary import Vocabulary
 from .backends import AUTO, configure_backend, open_graph
 from .backends.base import Backend
 from .bundle import BundleInfo, check_graph_io, open_bundle
+from .caption import CaptionResult, is_empty_user_tags, tag_strings_for
 from .preprocess import DEFAULT_MAX_PIXELS, ImageError, ImageInput, Preprocessor
 
 #: Class lists whose text embeddings ``Tagger.classify`` keeps, so repeated calls cost no text encoding.
@@ -176,6 +177,7 @@ class Tagger:
         self._backend_options = options
         self._graphs: List[Backend] = []
         self._text_encoder = None
+        self._captioner = None
         self._class_cache: Dict[Tuple[str, ...], np.ndarray] = {}
         try:
             self._encoder: Backend = self._open(self.bundle.encoder_path)
@@ -203,6 +205,8 @@ class Tagger:
             graph.deactivate()
         if self._text_encoder is not None:
             self._text_encoder.close()
+        if self._captioner is not None:
+            self._captioner.close()
 
     def __enter__(self) -> "Tagger":
         return self
@@ -253,10 +257,27 @@ class Tagger:
             self._text_encoder = TextEncoder(self.bundle, self.backend_name, backend_options=options)
         return self._text_encoder
 
+    @property
+    def has_captioning(self) -> bool:
+        """Whether the bundle has the captioning graphs (Tag2Text; RAM exported with --captioning)."""
+        return self.bundle.has_captioning
+
+    @property
+    def captioner(self):
+        """The bundle's captioning graphs and tokenizer (:class:`~ram_edge.runtime.caption.Captioner`), loaded
+        on first use with this Tagger's backend; a bundle without them raises BundleError saying which
+        export adds them."""
+        if self._captioner is None:
+            from .caption import Captioner
+
+            self._captioner = Captioner(self.bundle, self.backend_name, dict(self._backend_options))
+        return self._captioner
+
     # -- vocabulary ----------------------------------------------------------------------------------
     def set_vocabulary(self, vocabulary: Union[Vocabulary, str, os.PathLike]) -> None:
-        """Score a different set of tags from now on; the graphs stay loaded. The embeddings are handed to
-        the decoder once here (kept on the device by backends that can), not on every call."""
+        """Score a different set of tags from now on; the graphs stay loaded. The embeddings (and per-tag
+        arrays such as Tag2Text's classifier rows) are handed to the decoder once here (kept on the device
+        by backends that can), not on every call."""
         if not isinstance(vocabulary, Vocabulary):
             vocabulary = Vocabulary.load(vocabulary)
         self._check_vocabulary(vocabulary)
@@ -265,7 +286,10 @@ class Tagger:
         self._vocabulary = vocabulary
 
     def _vocabulary_feeds(self, vocabulary: Vocabulary) -> Dict[str, np.ndarray]:
-        return {self.bundle.label_embed_name: vocabulary.embeddings, self.bundle.label_mask_name: vocabulary.mask}
+        """The decoder's vocabulary inputs: embeddings, mask and per-tag arrays (Tag2Text's classifier rows),
+        each with one row per tag (so chunks of tags are row ranges of all of them)."""
+        return {self.bundle.label_embed_name: vocabulary.embeddings, self.bundle.label_mask_name: vocabulary.mask,
+                **vocabulary.per_tag}
 
     # -- decoder working memory ------------------------------------------------------------------------
     def decoder_bytes_per_pair(self, max_descriptions: int) -> int:
@@ -300,6 +324,28 @@ class Tagger:
                 f"embed_dim={self.bundle.embed_dim}; compute the embeddings with the text encoder that matches "
                 "the model (CLIP ViT-B/16 gives 512)"
             )
+        wanted = {t.name: tuple(t.shape[1:]) for t in self.bundle.decoder.inputs[3:]}
+        given = {name: array.shape[1:] for name, array in vocabulary.per_tag.items()}
+        if set(given) != set(wanted):
+            if wanted and not given:
+                raise ValueError(
+                    f"this {self.bundle.model_kind} bundle scores each tag with its own classifier row: the vocabulary "
+                    f"must carry the per-tag arrays {', '.join(wanted)} (the bundle's own vocabulary and its subsets "
+                    "do; vocabularies built from words cannot)"
+                )
+            raise ValueError(f"the vocabulary's per-tag arrays {sorted(given) or 'none'} are not the decoder's per-tag "
+                             f"inputs {sorted(wanted) or 'none'}: it was made for another kind of model")
+        for name, shape in given.items():
+            if any(isinstance(w, int) and w != g for w, g in zip(wanted[name], shape)) or len(shape) != len(wanted[name]):
+                raise ValueError(f"the vocabulary's per-tag array {name} has rows of shape {shape}, the decoder takes "
+                                 f"{wanted[name]}")
+
+    def _excluded(self, vocabulary: Vocabulary) -> np.ndarray:
+        """Positions of the bundle's excluded tags (Tag2Text's delete_tag_index) in ``vocabulary``."""
+        if not self.bundle.excluded_tags:
+            return np.zeros(0, dtype=np.int64)
+        excluded = set(self.bundle.excluded_tags)
+        return np.array([i for i, n in enumerate(vocabulary.names) if n in excluded], dtype=np.int64)
 
     # -- inference -----------------------------------------------------------------------------------
     def preprocess(self, image: ImageInput, channel_order: str = "rgb") -> np.ndarray:
@@ -322,10 +368,7 @@ class Tagger:
         """image_embeds (B, 1+N, E) -> logits (B, T) against the current vocabulary, or against
         ``vocabulary`` for this call only (its arrays are fed with the call instead of the resident
         ones: what a service holding several vocabularies does); one decoder call."""
-        image_embeds = np.ascontiguousarray(image_embeds, dtype=np.float32)
-        expected = (self.bundle.num_image_tokens, self.bundle.embed_dim)
-        if image_embeds.ndim != 3 or image_embeds.shape[1:] != expected:
-            raise ValueError(f"image_embeds must be (B, {expected[0]}, {expected[1]}), got {image_embeds.shape}")
+        image_embeds = self._check_image_embeds(image_embeds)
         resident = vocabulary is None
         vocabulary = self._vocabulary if resident else vocabulary
         if not resident:
@@ -345,10 +388,17 @@ class Tagger:
                 if resident:
                     feeds, chunk = {name: image_embeds[rows]}, (index if len(chunks) > 1 else None)
                 else:  # views of the call's vocabulary, no copy
-                    feeds, chunk = {name: image_embeds[rows], self.bundle.label_embed_name: vocabulary.embeddings[start:stop],
-                                    self.bundle.label_mask_name: vocabulary.mask[start:stop]}, None
+                    feeds = {name: image_embeds[rows], **{k: v[start:stop] for k, v in self._vocabulary_feeds(vocabulary).items()}}
+                    chunk = None
                 logits[rows, start:stop] = self._decoder.infer(feeds, chunk=chunk)[out_name]
         return logits
+
+    def _check_image_embeds(self, image_embeds: np.ndarray) -> np.ndarray:
+        image_embeds = np.ascontiguousarray(image_embeds, dtype=np.float32)
+        expected = (self.bundle.num_image_tokens, self.bundle.image_width)
+        if image_embeds.ndim != 3 or image_embeds.shape[1:] != expected:
+            raise ValueError(f"image_embeds must be (B, {expected[0]}, {expected[1]}), got {image_embeds.shape}")
+        return image_embeds
 
     def logits(self, pixel_values: np.ndarray) -> np.ndarray:
         """(B, 3, S, S) -> (B, T) logits (before the sigmoid)."""
@@ -414,7 +464,8 @@ class Tagger:
         vocabulary: Optional[Vocabulary] = None,
     ) -> List[TagResult]:
         """(B, T) probabilities -> one TagResult per row (threshold, then top_k, most probable first).
-        ``threshold=None`` uses the vocabulary's own per-tag thresholds (the current one, or ``vocabulary``)."""
+        ``threshold=None`` uses the vocabulary's own per-tag thresholds (the current one, or ``vocabulary``).
+        The bundle's excluded tags (Tag2Text's delete_tag_index) are never listed, as upstream."""
         vocabulary = vocabulary if vocabulary is not None else self._vocabulary
         probabilities = np.asarray(probabilities, dtype=np.float32)
         if names is None:
@@ -429,7 +480,97 @@ class Tagger:
             thresholds = np.float32(threshold)
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+        excluded = self._excluded(vocabulary)
+        if excluded.size:  # never above an infinite threshold
+            thresholds = np.array(np.broadcast_to(thresholds, (len(names),)), dtype=np.float32)
+            thresholds[excluded] = np.inf
         return select_tags(probabilities, thresholds, names, top_k)
+
+    # -- captions ------------------------------------------------------------------------------------
+    def caption(
+        self,
+        images: Union[ImageInput, Sequence[ImageInput], np.ndarray],
+        tags: Union[None, str, Sequence[Optional[str]]] = None,
+        num_beams: Optional[int] = None,
+        *,
+        max_length: Optional[int] = None,
+        min_length: Optional[int] = None,
+        repetition_penalty: Optional[float] = None,
+        legacy_scoring: bool = False,
+        channel_order: str = "rgb",
+    ) -> Union[CaptionResult, List[CaptionResult]]:
+        """Caption one image (a CaptionResult) or a sequence of images (a list, one per image), as
+        upstream's ``Tag2Text.generate`` does. ``images`` may also be preprocessed ``pixel_values``
+        (float32, (3, S, S) or (B, 3, S, S)).
+
+        tags:               None: the predicted tags (the vocabulary's thresholds, excluded tags removed,
+                            in vocabulary order, " | "-joined); a string: your tags for every image ("dog,
+                            frisbee"; "," becomes " | " as upstream's script does; empty falls back to the
+                            predicted tags); or one string / None per image. Longer than the 40-token tag
+                            prompt: truncated, as upstream.
+        num_beams:          1 = greedy; default the bundle's (upstream's 3).
+        max_length, min_length: in tokens, the 4 prompt tokens included (default 30 and 10).
+        repetition_penalty: transformers' (1.0 = none, the default).
+        legacy_scoring:     beam scores as transformers <= 4.35 (normalised by the whole length, prompt
+                            included); default: transformers >= 4.36, which upstream's goldens follow.
+
+        Every image is searched on its own (a batch shares only the graph calls), so each gets the
+        caption it gets alone. Needs the bundle's captioning graphs.
+        """
+        captioner = self.captioner  # fails first, with the export that adds the graphs
+        settings = captioner.settings(num_beams, max_length, min_length, repetition_penalty, legacy_scoring)
+        single, pixel_values = self._caption_inputs(images, channel_order)
+        if pixel_values.shape[0] == 0:
+            return []
+        results = self.caption_embeds(self.encode(pixel_values), _per_image_tags(tags, pixel_values.shape[0], single),
+                                      settings=settings)
+        return results[0] if single else results
+
+    def caption_embeds(self, image_embeds: np.ndarray, tags: Union[None, str, Sequence[Optional[str]]] = None,
+                       probabilities: Optional[np.ndarray] = None, *, settings=None) -> List[CaptionResult]:
+        """Captions from encoder outputs (B, 1+N, E): ``caption`` after the image encoder. ``probabilities``
+        (B, T), when the caller has them, saves the tagging decoder call for the predicted tags;
+        ``settings``: a :class:`~ram_edge.runtime.caption.SearchSettings` (default: the bundle's)."""
+        captioner = self.captioner
+        image_embeds = self._check_image_embeds(image_embeds)
+        user = _per_image_tags(tags, image_embeds.shape[0], False)
+        predicted = [""] * len(user)
+        if any(is_empty_user_tags(t) for t in user):
+            if probabilities is None:
+                probabilities = sigmoid(self.decode(image_embeds))
+            predicted = self.caption_tags(probabilities)
+        settings = settings if settings is not None else captioner.settings()
+        results = captioner.caption(image_embeds, tag_strings_for(predicted, user), settings)
+        for given, result in zip(user, results):
+            if result.tags_truncated and not is_empty_user_tags(given):
+                logger.warning("caption tags longer than the %d-token tag prompt were cut there, as upstream does: %.60s...",
+                               captioner.info.tag_max_length, result.tags)
+        return results
+
+    def caption_tags(self, probabilities: np.ndarray) -> List[str]:
+        """Upstream's tag prompt from (B, T) probabilities: the tags above the vocabulary's own thresholds,
+        the bundle's excluded tags removed, in vocabulary order, joined with " | "."""
+        vocabulary = self._vocabulary
+        probabilities = np.asarray(probabilities, dtype=np.float32)
+        if probabilities.ndim != 2 or probabilities.shape[1] != vocabulary.num_tags:
+            raise ValueError(f"probabilities must be (B, {vocabulary.num_tags}), got {probabilities.shape}")
+        thresholds = np.array(vocabulary.threshold_array(self.default_threshold), dtype=np.float32)
+        thresholds[self._excluded(vocabulary)] = np.inf
+        names = vocabulary.names
+        separator = self.captioner.info.tag_separator
+        return [separator.join(names[i] for i in np.flatnonzero(row)) for row in probabilities > thresholds]
+
+    def _caption_inputs(self, images: Any, channel_order: str) -> Tuple[bool, np.ndarray]:
+        """(single, (B, 3, S, S) pixel values) from images or already preprocessed pixel values."""
+        S = self.image_size
+        if isinstance(images, np.ndarray) and np.issubdtype(images.dtype, np.floating) and (
+                images.shape[-3:] == (3, S, S) and images.ndim in (3, 4)):
+            return images.ndim == 3, np.asarray(images, dtype=np.float32).reshape(-1, 3, S, S)
+        single = _is_single_image(images)
+        items = [images] if single else list(images)
+        if not items:
+            return single, np.zeros((0, 3, S, S), dtype=np.float32)
+        return single, np.stack([self.preprocess(image, channel_order) for image in items])
 
     # -- zero-shot classification --------------------------------------------------------------------
     def class_embeddings(self, classes: Union[Sequence[str], Vocabulary]) -> Tuple[List[str], np.ndarray]:
@@ -488,6 +629,23 @@ class Tagger:
         self.class_embeddings(classes)  # fail on bad classes before decoding images
         return self._per_image(images, channel_order, errors, ClassResult,
                                lambda pixels: self.classify_embeds(self.encode(pixels), classes, top_k))
+
+
+def _per_image_tags(tags: Union[None, str, Sequence[Optional[str]]], count: int, single: bool) -> List[Optional[str]]:
+    """``Tagger.caption``'s ``tags`` as one entry (a string or None) per image."""
+    if tags is None or isinstance(tags, str):
+        return [tags] * count
+    if single:
+        raise ValueError("for one image pass its tags as one string, e.g. tags=\"dog, frisbee\" (a list gives one "
+                         "entry per image)")
+    tags = list(tags)
+    if len(tags) != count:
+        raise ValueError(f"tags has {len(tags)} entries for {count} images: give one string (or None) per image, "
+                         "or one string for all")
+    bad = [t for t in tags if t is not None and not isinstance(t, str)]
+    if bad:
+        raise ValueError(f"tags entries must be strings or None, got {bad[0]!r}")
+    return tags
 
 
 def _clean_classes(classes: Sequence[str]) -> List[str]:

@@ -20,6 +20,7 @@ from typing import Any, Dict, Optional, Sequence, Union
 import numpy as np
 
 from ram_edge.bundle_format import BundleError
+from ram_edge.vocabulary import TAG2TEXT_OPEN_SET_MESSAGE
 
 from .backends import configure_backend, open_graph
 from .bundle import ADD_TEXT_ENCODER_HINT, BundleInfo, check_backend_io, open_bundle
@@ -54,6 +55,8 @@ class TextEncoder:
         batch_size: int = DEFAULT_BATCH_SIZE,
     ):
         info = bundle if isinstance(bundle, BundleInfo) else open_bundle(bundle, verify_files=verify_files)
+        if info.model_kind == "tag2text":
+            raise BundleError(f"{info.path}: {TAG2TEXT_OPEN_SET_MESSAGE}")
         if not info.has_text_encoder:
             raise BundleError(
                 f"{info.path}: this bundle has no text encoder, which open-set vocabularies and classification "

@@ -140,8 +140,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_build(args) -> int:
-    from ram_edge.bundle_format import BundleError
-    from ram_edge.vocabulary import Vocabulary
+    from ram_edge.bundle_format import BundleError, read_manifest
+    from ram_edge.vocabulary import TAG2TEXT_OPEN_SET_MESSAGE, Vocabulary
 
     from .bundle import open_bundle
     from .text_encoder import TextEncoder
@@ -162,6 +162,9 @@ def cmd_build(args) -> int:
 
     started = time.perf_counter()
     try:
+        # Before hashing files or loading graphs: a Tag2Text bundle cannot take a vocabulary built from words.
+        if read_manifest(args.bundle).get("model", {}).get("kind") == "tag2text":
+            return _error(f"{args.bundle}: {TAG2TEXT_OPEN_SET_MESSAGE}")
         bundle = open_bundle(args.bundle, verify_files=not args.no_verify)
         if not args.quiet:
             print(f"ram-vocab: loading the text encoder of {args.bundle}", file=sys.stderr)

@@ -19,14 +19,20 @@ explicit cache instead and reproduces transformers 4.36.2's search:
   <= 4.35 (``legacy=True``) by the whole length with the prompt, [SEP] excluded. The two differ only
   in that denominator and in the matching bound of the stopping test.
 
+* repetition penalty (``RepetitionPenaltyLogitsProcessor``, when ``repetition_penalty`` != 1): the score
+  of every token already in the sequence, prompt included, times the penalty where negative, divided
+  where not; applied to the logits in greedy search, to the log-probabilities in beam search (where
+  transformers runs its logits processors), before the [SEP] block.
+
 Every step's logits come from the cache; batches of images are searched independently (no
-upstream batched quirk: see golden/tag2text_tiny_384.json ``batched_quirk``).
+upstream batched quirk: see golden/tag2text_tiny_384.json ``batched_quirk``). ``caption`` overrides the
+model's ``CaptionConfig`` (other lengths, beams).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -39,6 +45,15 @@ def _min_length_block(scores: torch.Tensor, length: int, caption: CaptionConfig)
         scores = scores.clone()
         scores[:, caption.eos_token_id] = -float("inf")
     return scores
+
+
+def _repetition_penalty(scores: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' RepetitionPenaltyLogitsProcessor (gather, scale by sign, scatter)."""
+    if penalty == 1.0:
+        return scores
+    score = torch.gather(scores, 1, ids)
+    score = torch.where(score < 0, score * penalty, score / penalty)
+    return scores.scatter(1, ids, score)
 
 
 def _pad(sequences: List[torch.Tensor], pad: int) -> torch.Tensor:
@@ -55,9 +70,10 @@ def caption_states(model: RAMTagger, image_embeds: torch.Tensor, enc_input_ids, 
 
 
 @torch.no_grad()
-def greedy(model: RAMTagger, tag_states: torch.Tensor) -> torch.Tensor:
+def greedy(model: RAMTagger, tag_states: torch.Tensor, repetition_penalty: float = 1.0,
+           caption: Optional[CaptionConfig] = None) -> torch.Tensor:
     """Greedy captions (B, <= max_length) incl. the prompt and a final [SEP], [PAD]-padded."""
-    caption = model.config.captioning
+    caption = caption or model.config.captioning
     decoder = model.text_decoder
     batch = tag_states.shape[0]
     ids = torch.tensor(caption.prompt_ids).repeat(batch, 1)
@@ -65,7 +81,8 @@ def greedy(model: RAMTagger, tag_states: torch.Tensor) -> torch.Tensor:
     logits, past = decoder.step(ids, cross)
     unfinished = torch.ones(batch, dtype=torch.bool)
     while True:
-        scores = _min_length_block(logits[:, -1], ids.shape[1], caption)
+        scores = _repetition_penalty(logits[:, -1], ids, repetition_penalty)
+        scores = _min_length_block(scores, ids.shape[1], caption)
         next_tokens = torch.where(unfinished, scores.argmax(dim=-1), caption.pad_token_id)
         ids = torch.cat([ids, next_tokens[:, None]], dim=1)
         unfinished &= next_tokens != caption.eos_token_id
@@ -98,10 +115,11 @@ class _Hypotheses:
 
 
 @torch.no_grad()
-def beam_search(model: RAMTagger, tag_states: torch.Tensor, legacy: bool = False) -> torch.Tensor:
+def beam_search(model: RAMTagger, tag_states: torch.Tensor, legacy: bool = False, repetition_penalty: float = 1.0,
+                caption: Optional[CaptionConfig] = None) -> torch.Tensor:
     """Beam-search captions (B, <= max_length) incl. the prompt and a final [SEP], [PAD]-padded;
     ``legacy``: transformers <= 4.35's length normalisation."""
-    caption = model.config.captioning
+    caption = caption or model.config.captioning
     decoder = model.text_decoder
     beams = caption.num_beams
     batch = tag_states.shape[0]
@@ -122,7 +140,8 @@ def beam_search(model: RAMTagger, tag_states: torch.Tensor, legacy: bool = False
     logits, past = decoder.step(ids, cross)
     while True:
         length_with_next = ids.shape[1] + 1
-        logprobs = _min_length_block(torch.log_softmax(logits[:, -1], dim=-1), ids.shape[1], caption)
+        logprobs = _repetition_penalty(torch.log_softmax(logits[:, -1], dim=-1), ids, repetition_penalty)
+        logprobs = _min_length_block(logprobs, ids.shape[1], caption)
         scores = (logprobs + beam_scores[:, None]).reshape(batch, -1)  # (B, beams * V)
         top_scores, top = scores.topk(2 * beams, dim=1)
         vocab = logprobs.shape[-1]

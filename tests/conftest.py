@@ -285,6 +285,23 @@ def golden_bundle(reference, tmp_path_factory) -> Callable[[str], tuple]:
 
 
 @pytest.fixture(scope="session")
+def tag2text_bundle(reference, tmp_path_factory) -> tuple:
+    """(bundle folder, golden arrays, golden json) for ``golden/tag2text_tiny_384.pth`` exported with
+    ``ram_edge.export.export_bundle`` (fp32, its 3,429 tags, tagging and captioning graphs; the BERT
+    heads from the json, as they are not in the weights), once per test session. Skips without torch."""
+    pytest.importorskip("torch", reason="the export side (torch) is not installed")
+    from ram_edge.export.bundle import export_bundle
+    from ram_edge.models.checkpoint import load_checkpoint
+
+    golden = reference / "golden"
+    meta = json.loads((golden / "tag2text_tiny_384.json").read_text(encoding="utf-8"))
+    model = load_checkpoint(golden / "tag2text_tiny_384.pth", caption_heads=meta["med"]["num_attention_heads"])
+    bundle = tmp_path_factory.mktemp("tag2text") / "tag2text_tiny_384"
+    export_bundle(model, bundle, source="tag2text_tiny_384.pth")
+    return bundle, np.load(golden / "tag2text_tiny_384.npz"), meta
+
+
+@pytest.fixture(scope="session")
 def openset_demo_bundle(tmp_path_factory) -> Path:
     """``ram-export --demo ram_plus_tiny_384 --num-tags 200``: random weights with a demo text encoder, for
     the open-set service, page and Ray tests; exported once per test session (about 20 s). Skips without

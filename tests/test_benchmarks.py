@@ -143,3 +143,27 @@ def test_memory_probes(latency):
     block = np.ones(64 * 2**20, dtype=np.uint8)  # 64 MiB, touched
     assert latency.rss_mib() >= before + 60 and latency.peak_rss_mib() >= before + 60
     del block
+
+
+def test_caption_stage_run_writes_json_and_plot(latency, tmp_path):
+    """--caption on a tiny Tag2Text demo: tag encoder, decoder step at every position (ORT cached, torch
+    cached and upstream's no-cache), whole captions with tokens/s, the step-vs-position plot."""
+    out = tmp_path / "out"
+    args = ["--demo", "tag2text_tiny_384", "--num-tags", "20", "--precisions", "fp32", "--caption",
+            "--cache-dir", str(tmp_path / "cache"), "--repeats", "1", "--warmup", "0", "--threads", "1",
+            "--caption-beams", "2", "--out", str(out)]
+    assert latency.main(args) == 0
+    report = json.loads((out / "caption_latency.json").read_text())
+    assert report["positions"] == list(range(4, 30))
+    engines = report["engines"]
+    assert set(engines) == {"ort-cpu-fp32", "torch-eager-cpu-fp32-cached", "torch-eager-cpu-fp32-no-cache"}
+    ort = engines["ort-cpu-fp32"]
+    assert ort["tag_encoder_s"]["p50"] > 0 and ort["prompt_step_s_rows2"]["p50"] > 0
+    for entry in engines.values():
+        for rows in (1, 2):
+            steps = entry[f"step_s_rows{rows}"]
+            assert sorted(int(p) for p in steps) == report["positions"] and all(s["p50"] > 0 for s in steps.values())
+            assert entry[f"all_steps_s_rows{rows}"] > 0 and "slope" in entry[f"step_fit_rows{rows}"]
+    for search in ("beam", "greedy"):
+        assert 0 < ort[f"caption_{search}_tokens"] <= 26 and ort[f"caption_{search}_tokens_per_s"] > 0
+    assert Path(report["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -149,3 +149,102 @@ def test_blockwise_npy_read_equals_numpy(tmp_path, dtype):
     np.save(tmp_path / "i.npy", np.ones((2, 2), np.int64))
     with pytest.raises(ValueError, match="expected C-order"):
         read_npy_float32(tmp_path / "i.npy")
+
+
+# -- per-tag arrays (Tag2Text's classifier rows) ---------------------------------------------------------
+
+
+def _tag2text_like(num_tags: int = 4, hidden: int = 3, seed: int = 0) -> Vocabulary:
+    rng = np.random.default_rng(seed)
+    return Vocabulary(
+        [f"t{i}" for i in range(num_tags)], rng.standard_normal((num_tags, hidden)),
+        thresholds=[0.68] * num_tags,
+        per_tag={"label_fc_weight": rng.standard_normal((num_tags, hidden)),
+                 "label_fc_bias": rng.standard_normal(num_tags)},
+    )
+
+
+def test_per_tag_arrays_are_float32_read_only_and_checked():
+    vocab = _tag2text_like()
+    per_tag = vocab.per_tag
+    assert sorted(per_tag) == ["label_fc_bias", "label_fc_weight"]
+    assert per_tag["label_fc_weight"].shape == (4, 3) and per_tag["label_fc_bias"].shape == (4,)
+    assert all(a.dtype == np.float32 and a.flags.c_contiguous and not a.flags.writeable for a in per_tag.values())
+    assert "per_tag=['label_fc_bias', 'label_fc_weight']" in repr(vocab)
+    assert Vocabulary(["a"], np.ones((1, 2))).per_tag == {}
+    with pytest.raises(ValueError, match=r"per-tag array 'w' has shape \(3, 2\); its first axis must be the 2 tags"):
+        Vocabulary(["a", "b"], np.ones((2, 2)), per_tag={"w": np.ones((3, 2))})
+    with pytest.raises(ValueError, match=r"name 'embeddings' must be an identifier"):
+        Vocabulary(["a"], np.ones((1, 2)), per_tag={"embeddings": np.ones(1)})
+    with pytest.raises(ValueError, match=r"name '\.\./x' must be an identifier"):
+        Vocabulary(["a"], np.ones((1, 2)), per_tag={"../x": np.ones(1)})
+    with pytest.raises(ValueError, match=r"per-tag array 'b' holds NaN or inf \(1 tags, e\.g\. 'y'\)"):
+        Vocabulary(["x", "y"], np.ones((2, 2)), per_tag={"b": [0.0, np.nan]})
+
+
+def test_per_tag_arrays_round_trip_beside_the_embeddings(tmp_path):
+    vocab = _tag2text_like()
+    vocab.save(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "vocabulary.json").read_text(encoding="utf-8"))
+    assert meta["format_version"] == 1 and meta["dtype"] == "float32"
+    assert meta["per_tag"] == {"label_fc_weight": {"shape": [3], "dtype": "float32"},
+                               "label_fc_bias": {"shape": [], "dtype": "float32"}}
+    assert sorted(p.name for p in (tmp_path / "v").iterdir()) == [
+        "embeddings.npy", "label_fc_bias.npy", "label_fc_weight.npy", "vocabulary.json"]
+    loaded = Vocabulary.load(tmp_path / "v")
+    for name, array in vocab.per_tag.items():
+        np.testing.assert_array_equal(loaded.per_tag[name], array)  # float32 storage: exact
+    # float16 storage applies to every float array of the vocabulary alike.
+    vocab.save(tmp_path / "h", dtype="float16")
+    assert np.load(tmp_path / "h" / "label_fc_weight.npy").dtype == np.float16
+    half = Vocabulary.load(tmp_path / "h")
+    np.testing.assert_allclose(half.per_tag["label_fc_bias"], vocab.per_tag["label_fc_bias"], rtol=1e-3, atol=1e-3)
+    # A file the json lists but that is missing is named.
+    (tmp_path / "v" / "label_fc_bias.npy").unlink()
+    with pytest.raises(ValueError, match=r"lists the per-tag array 'label_fc_bias' but label_fc_bias\.npy is missing"):
+        Vocabulary.load(tmp_path / "v")
+
+
+def test_files_without_per_tag_arrays_load_as_before(tmp_path):
+    vocab = Vocabulary(["a", "b"], np.ones((2, 2)))
+    vocab.save(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "vocabulary.json").read_text(encoding="utf-8"))
+    assert "per_tag" not in meta  # what older readers know
+    assert Vocabulary.load(tmp_path / "v").per_tag == {}
+
+
+def test_subset_carries_per_tag_rows_and_concat_refuses_mixing():
+    vocab = _tag2text_like(num_tags=5)
+    part = vocab.subset(["t3", 0])
+    np.testing.assert_array_equal(part.per_tag["label_fc_weight"], vocab.per_tag["label_fc_weight"][[3, 0]])
+    np.testing.assert_array_equal(part.per_tag["label_fc_bias"], vocab.per_tag["label_fc_bias"][[3, 0]])
+    # Subsets of one Tag2Text vocabulary join again.
+    joined = Vocabulary.concat(vocab.subset([0, 1]), vocab.subset([4]))
+    np.testing.assert_array_equal(joined.per_tag["label_fc_bias"], vocab.per_tag["label_fc_bias"][[0, 1, 4]])
+    plain = Vocabulary(["z"], np.ones((1, 3)))
+    with pytest.raises(ValueError, match=r"part 0 has per-tag arrays label_fc_weight \(-1, 3\), label_fc_bias \(-1,\) "
+                                         r"and part 1 has none; every part must carry the same ones"):
+        Vocabulary.concat(vocab, plain)
+    with pytest.raises(ValueError, match=r"part 0 has per-tag arrays none and part 1 has label_fc_weight"):
+        Vocabulary.concat(plain, vocab)
+
+
+def test_learned_tables_may_repeat_names_when_asked(tmp_path):
+    with pytest.raises(ValueError, match=r"duplicate tag names 'smile'"):
+        Vocabulary(["smile", "cat", "smile"], np.ones((3, 2)))  # words: still refused
+    vocab = Vocabulary(["smile", "cat", "smile"], np.arange(6.0).reshape(3, 2), unique_names=False)
+    assert not vocab.unique_names and vocab.index("cat") == 1
+    with pytest.raises(KeyError, match=r"tag name 'smile' stands for 2 tags of this vocabulary \(positions 0, 2\); "
+                                       r"select them by index"):
+        vocab.index("smile")
+    part = vocab.subset([2, 1])
+    assert part.names == ["smile", "cat"] and not part.unique_names
+    np.testing.assert_array_equal(part.embeddings[:, 0], [[4.0, 5.0], [2.0, 3.0]])
+    vocab.save(tmp_path / "v")
+    meta = json.loads((tmp_path / "v" / "vocabulary.json").read_text(encoding="utf-8"))
+    assert meta["unique_names"] is False and meta["names"] == ["smile", "cat", "smile"]
+    assert not Vocabulary.load(tmp_path / "v").unique_names
+    # Parts of one learned table join with their shared names; a part of words keeps the rule.
+    assert Vocabulary.concat(vocab.subset([0]), vocab.subset([2])).names == ["smile", "smile"]
+    with pytest.raises(ValueError, match=r"Vocabulary.concat: duplicate tag names 'smile'"):
+        Vocabulary.concat(vocab, Vocabulary(["smile"], np.ones((1, 2))))
