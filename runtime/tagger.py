@@ -340,8 +340,10 @@ class Tagger:
                 raise ValueError(f"the vocabulary's per-tag array {name} has rows of shape {shape}, the decoder takes "
                                  f"{wanted[name]}")
 
-    def _excluded(self, vocabulary: Vocabulary) -> np.ndarray:
-        """Positions of the bundle's excluded tags (Tag2Text's delete_tag_index) in ``vocabulary``."""
+    def excluded_indices(self, vocabulary: Optional[Vocabulary] = None) -> np.ndarray:
+        """Positions of the bundle's excluded tags (Tag2Text's delete_tag_index) in ``vocabulary`` (default: the
+        current one): never output, whatever the threshold, as upstream."""
+        vocabulary = vocabulary if vocabulary is not None else self._vocabulary
         if not self.bundle.excluded_tags:
             return np.zeros(0, dtype=np.int64)
         excluded = set(self.bundle.excluded_tags)
@@ -480,7 +482,7 @@ class Tagger:
             thresholds = np.float32(threshold)
         if top_k is not None and (isinstance(top_k, bool) or int(top_k) < 1):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-        excluded = self._excluded(vocabulary)
+        excluded = self.excluded_indices(vocabulary)
         if excluded.size:  # never above an infinite threshold
             thresholds = np.array(np.broadcast_to(thresholds, (len(names),)), dtype=np.float32)
             thresholds[excluded] = np.inf
@@ -555,7 +557,7 @@ class Tagger:
         if probabilities.ndim != 2 or probabilities.shape[1] != vocabulary.num_tags:
             raise ValueError(f"probabilities must be (B, {vocabulary.num_tags}), got {probabilities.shape}")
         thresholds = np.array(vocabulary.threshold_array(self.default_threshold), dtype=np.float32)
-        thresholds[self._excluded(vocabulary)] = np.inf
+        thresholds[self.excluded_indices(vocabulary)] = np.inf
         names = vocabulary.names
         separator = self.captioner.info.tag_separator
         return [separator.join(names[i] for i in np.flatnonzero(row)) for row in probabilities > thresholds]

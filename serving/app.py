@@ -60,8 +60,8 @@ from ram_edge.vocabulary import Vocabulary, clean_tag_names, read_descriptions, 
 from .batcher import BatchStats, Batcher, WorkItem
 from .metrics import RequestMetricsMiddleware, ServiceMetrics
 from .vocabularies import (
-    VOCABULARY_ID_PATTERN, ClassTarget, StoredVocabulary, Target, TargetCache, VocabularyStore, check_merge,
-    default_target, open_set_target,
+    VOCABULARY_ID_PATTERN, CaptionedTags, CaptionTarget, ClassTarget, StoredVocabulary, Target, TargetCache,
+    VocabularyStore, check_merge, default_target, open_set_target,
 )
 
 logger = logging.getLogger(__name__)
@@ -402,6 +402,8 @@ class TaggingService:
 class TagResultModel(BaseModel):
     tags: List[str]
     probabilities: List[float]
+    caption: Optional[str] = Field(None, description="with caption=true: the caption written for the image")
+    caption_tags: Optional[str] = Field(None, description="with caption=true: the tags that guided it, ' | '-joined")
 
 
 class ClassResultModel(BaseModel):
@@ -417,9 +419,11 @@ class ErrorResponse(BaseModel):
     error: str
 
 
-def _result_json(result: Union[TagResult, ClassResult]) -> Dict[str, List[Any]]:
+def _result_json(result: Union[TagResult, ClassResult, CaptionedTags]) -> Dict[str, Any]:
     if isinstance(result, ClassResult):
         return {"classes": list(result.labels), "probabilities": list(result.probabilities)}
+    if isinstance(result, CaptionedTags):
+        return {**_result_json(result.tags), "caption": result.caption.text, "caption_tags": result.caption.tags}
     return {"tags": list(result.tags), "probabilities": list(result.probabilities)}
 
 
@@ -573,6 +577,10 @@ def create_app(service: TaggingService) -> FastAPI:
                                                      "encoder and cached"),
         classify: Optional[str] = Form(None, description="comma-separated classes (at least two): zero-shot "
                                                          "classification instead of tags"),
+        caption: bool = Form(False, description="also write a caption per image (bundles with captioning graphs: "
+                                                "Tag2Text, RAM exported with --captioning)"),
+        num_beams: Optional[int] = Form(None, ge=1, le=8, description="with caption: beams of the search "
+                                                                      "(default the bundle's, 3; 1 = greedy)"),
     ) -> JSONResponse:
         """Per image, in the order sent: its tags, most probable first (`{"tags", "probabilities"}`), or with
         `classify` every class, most probable first, probabilities summing to 1 (`{"classes", "probabilities"}`)."""
@@ -582,13 +590,20 @@ def create_app(service: TaggingService) -> FastAPI:
         if classify is not None and threshold is not None:
             raise HTTPException(422, "threshold does not apply to classify (its probabilities are a softmax over "
                                      "the classes); use top_k")
+        if caption and classify is not None:
+            raise HTTPException(422, "caption and classify: a caption comes with tags, not with classes")
+        if num_beams is not None and not caption:
+            raise HTTPException(422, "num_beams applies to caption=true")
+        if caption and not service.tagger.has_captioning:
+            raise HTTPException(501, "this bundle has no captioning graphs: export a Tag2Text checkpoint (or RAM with "
+                                     "`ram-export --captioning`) to caption; see docs/captioning.md")
         deadline = request.scope.get(_DEADLINE_KEY, asyncio.get_running_loop().time() + config.request_timeout)
         target = await service.target(vocabulary=vocabulary, tags=tags, classify=classify, deadline=deadline)
+        if caption:
+            target = CaptionTarget(target, num_beams)
         data = [await upload.read() for upload in images]
         results = await service.tag(data, threshold=threshold, top_k=top_k, lang=lang, deadline=deadline,
                                     target=target)
-        # CAPTION (being added to the Tagger: Tagger.caption(...).text): when the Tagger can caption, each
-        # result gains "caption"; the page shows it where present (serving/static/app.js, #caption).
         return JSONResponse({"results": [_result_json(r) for r in results]})
 
     @app.post("/v1/vocabularies", status_code=201, dependencies=writes, summary="Build and keep a vocabulary",
@@ -633,7 +648,7 @@ def create_app(service: TaggingService) -> FastAPI:
                          "max_vocabulary_texts": config.max_vocabulary_texts,
                          "max_request_tags": config.max_request_tags},
             "classification": service.has_text_encoder,
-            "captioning": bool(getattr(service.tagger, "has_captioning", False)),
+            "captioning": service.tagger.has_captioning,
             "batching": {"max_batch": config.max_batch, "max_wait_ms": config.max_wait_ms},
             "limits": {"max_images_per_request": config.max_images_per_request,
                        "max_upload_bytes": config.max_upload_bytes,

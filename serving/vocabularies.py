@@ -6,7 +6,8 @@ one decoder call), after one encoder call for the whole batch:
 
 * :class:`TagTarget` — tags scored by the decoder: the service's default vocabulary (the bundle's own, or
   ``--vocab``), an open-set vocabulary, or the default followed by open-set tags (``merge_default``);
-* :class:`ClassTarget` — CLIP zero-shot classification over a list of classes (encoder only).
+* :class:`ClassTarget` — CLIP zero-shot classification over a list of classes (encoder only);
+* :class:`CaptionTarget` — a TagTarget's tags plus a caption per image (bundles with captioning graphs).
 
 A merged target never copies the default vocabulary: the default part is decoded with the embeddings the
 decoder already holds (``Tagger.decode(embeds)``) and the open-set part with its own
@@ -45,12 +46,14 @@ class TagTarget:
 
     names:      display names per language ("en", and "zh" where there are Chinese names).
     thresholds: (T,) float32, the per-tag thresholds used when a request gives none.
+    excluded:   positions never output, whatever the threshold (Tag2Text's deleted tags, as ``Tagger.select``).
     """
 
     own: Optional[Vocabulary]
     include_default: bool
     names: Dict[str, List[str]]
     thresholds: np.ndarray
+    excluded: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
     @property
     def languages(self) -> List[str]:
@@ -72,7 +75,10 @@ class TagTarget:
     def result(self, scores: np.ndarray, threshold: Optional[float], top_k: Optional[int], lang: str) -> TagResult:
         """One image's (1, T) probabilities -> its tags, as ``Tagger.select`` (the request's threshold
         and top_k were validated by the HTTP layer)."""
-        thresholds = self.thresholds if threshold is None else np.float32(threshold)
+        thresholds = self.thresholds if threshold is None else np.full(self.num_tags, threshold, dtype=np.float32)
+        if self.excluded.size:
+            thresholds = np.array(thresholds, dtype=np.float32)
+            thresholds[self.excluded] = np.inf
         return select_tags(scores, thresholds, self.names[lang], top_k)[0]
 
 
@@ -97,7 +103,44 @@ class ClassTarget:
         return ClassResult(found.labels[:top_k], found.probabilities[:top_k], found.indices[:top_k])
 
 
-Target = Union[TagTarget, ClassTarget]
+@dataclass(frozen=True)
+class CaptionedTags:
+    """An image's tags and the caption written for it (``CaptionResult``: text, token_ids, tags fed)."""
+
+    tags: TagResult
+    caption: Any
+
+
+@dataclass(eq=False)
+class CaptionTarget:
+    """``base``'s tags and, per image, a caption (``Tagger.caption_embeds``: guided by the bundle's own
+    predicted tags, as upstream's ``generate``; when ``base`` is the default vocabulary its probabilities
+    are reused, so the tagging decoder runs once)."""
+
+    base: TagTarget
+    num_beams: Optional[int] = None
+
+    @property
+    def languages(self) -> List[str]:
+        return self.base.languages
+
+    def scores(self, tagger: Tagger, image_embeds: np.ndarray) -> List[Any]:
+
+        probabilities = self.base.scores(tagger, image_embeds)
+        default_only = self.base.include_default and self.base.own is None
+        settings = None
+        if self.num_beams is not None:
+            settings = tagger.captioner.settings(num_beams=self.num_beams)
+        captions = tagger.caption_embeds(image_embeds, probabilities=probabilities if default_only else None,
+                                         settings=settings)
+        return list(zip(probabilities, captions))
+
+    def result(self, scores: Sequence[Any], threshold: Optional[float], top_k: Optional[int], lang: str) -> CaptionedTags:
+        row, caption = scores[0]
+        return CaptionedTags(self.base.result(row[None], threshold, top_k, lang), caption)
+
+
+Target = Union[TagTarget, ClassTarget, CaptionTarget]
 
 
 def default_target(tagger: Tagger) -> TagTarget:
@@ -106,7 +149,8 @@ def default_target(tagger: Tagger) -> TagTarget:
     names = {"en": vocabulary.display_names("en")}
     if vocabulary.names_zh is not None:
         names["zh"] = vocabulary.display_names("zh")
-    return TagTarget(None, True, names, vocabulary.threshold_array(tagger.default_threshold))
+    return TagTarget(None, True, names, vocabulary.threshold_array(tagger.default_threshold),
+                     tagger.excluded_indices(vocabulary))
 
 
 def open_set_target(tagger: Tagger, own: Vocabulary, include_default: bool = False) -> TagTarget:
@@ -125,7 +169,8 @@ def open_set_target(tagger: Tagger, own: Vocabulary, include_default: bool = Fal
     check_merge(base, own.names)
     base_zh = base.names_zh if base.names_zh is not None else base.names
     return TagTarget(own, True, {"en": base.names + own.names, "zh": base_zh + own_zh},
-                     np.concatenate([base.threshold_array(default), own.threshold_array(default)]))
+                     np.concatenate([base.threshold_array(default), own.threshold_array(default)]),
+                     tagger.excluded_indices(base))
 
 
 def check_merge(default: Vocabulary, names: Sequence[str]) -> None:

@@ -292,7 +292,7 @@ def test_page_static_files_and_openapi(test_bundle):
         operation = schema["paths"]["/v1/tag"]["post"]
         ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1]
         assert set(schema["components"]["schemas"][ref]["properties"]) == {
-            "images", "threshold", "top_k", "lang", "vocabulary", "tags", "classify"}
+            "images", "threshold", "top_k", "lang", "vocabulary", "tags", "classify", "caption", "num_beams"}
         assert {"400", "404", "413", "422", "501", "503"} <= set(operation["responses"])
         assert {"post", "get"} <= set(schema["paths"]["/v1/vocabularies"])
         assert {"get", "delete"} <= set(schema["paths"]["/v1/vocabularies/{vocabulary_id}"])

@@ -177,3 +177,25 @@ def test_type_your_own_tags_and_classes(openset_demo_bundle, tmp_path):
             assert not severe, severe
         finally:
             driver.quit()
+
+
+def test_page_shows_the_caption_where_the_bundle_captions(reference, tag2text_bundle, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    bundle = tag2text_bundle[0]
+    image = reference / "images" / "demo4.jpg"
+    with Tagger(bundle) as tagger:
+        expected = tagger.caption(str(image)).text
+    with ServerThread(bundle) as server:
+        driver = start_browser(tmp_path / "profile")
+        try:
+            wait = WebDriverWait(driver, 60)
+            driver.get(server.url + "/")
+            wait.until(lambda d: "tags" in d.find_element(By.ID, "model").text)
+            driver.find_element(By.ID, "file").send_keys(str(image))
+            wait.until(lambda d: d.find_element(By.ID, "caption").text.strip() != "")
+            assert driver.find_element(By.ID, "caption-box").is_displayed()
+            assert driver.find_element(By.ID, "caption").text == expected
+        finally:
+            driver.quit()

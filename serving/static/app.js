@@ -72,7 +72,7 @@ function renderList(list, names, probabilities) {
   });
 }
 
-// CAPTION: where the bundle captions (GET /v1/model "captioning": true), show results[0].caption.
+// Where the bundle captions (GET /v1/model "captioning": true) the tag request asks for a caption too.
 function showCaption(result) {
   $("caption-box").hidden = !state.captioning;
   $("caption").textContent = state.captioning ? (result && result.caption) || "" : "";
@@ -99,6 +99,7 @@ async function tag() {
   if ($("own-threshold").checked) form.append("threshold", $("threshold").value);
   const custom = state.customTags.length > 0;
   if (custom) form.append("tags", state.customTags.join(","));
+  if (state.captioning) form.append("caption", "true");
   $("scope").textContent = custom ? `against your ${state.customTags.length} tags` : "";
   setStatus("tagging…");
   classify(id);
