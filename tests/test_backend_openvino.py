@@ -32,10 +32,10 @@ needs_openvino = pytest.mark.skipif(
 GOLDENS = ["ram_tiny_224", "ram_plus_tiny_384"]
 OV_LOGGER = "ram_edge.runtime.backends.openvino"
 
-#: bf16 logits vs f32 on the tiny goldens. OpenVINO's bf16 path could not be run here (this CPU has no
-#: native bf16, so OpenVINO compiles f32); torch's bf16 autocast of the same models moves the golden
+#: bf16 logits vs f32 on the tiny goldens. torch's bf16 autocast of the same models moves the golden
 #: logits by at most 0.0088 (RAM) / 0.0123 (RAM++). The bound keeps a 4x margin over that; for scale, the
-#: team measured 0.062 for OpenVINO bf16 on full-size RAM++ Swin-L, whose logits are ~10x larger.
+#: team measured 0.062 for OpenVINO bf16 on full-size RAM++ Swin-L, whose logits are ~10x larger. On a
+#: CPU without native bf16 OpenVINO compiles f32 and the test checks that it says so.
 BF16_LOGIT_BOUND = 0.05
 
 
@@ -218,8 +218,9 @@ def test_importing_the_backend_imports_no_openvino(tmp_path):
 
 @pytest.fixture
 def ov_options(tmp_path):
-    """backend_options with a cache folder of this test's own (never the user's ~/.cache)."""
-    return {"cache_dir": str(tmp_path / "ov-cache")}
+    """backend_options with a cache folder of this test's own (never the user's ~/.cache), and f32: the
+    exactness tests compare with float32 references, and the default is bf16 on CPUs with native bf16."""
+    return {"cache_dir": str(tmp_path / "ov-cache"), "inference_precision": "f32"}
 
 
 def _golden_pixels(golden_out) -> np.ndarray:
@@ -263,6 +264,20 @@ def test_bf16_stays_within_the_bound(golden_bundle, ov_options, golden, caplog):
     else:  # OpenVINO compiled f32 (no native bf16) and said so
         assert compiled == "f32" and error <= 1e-6
         assert any("but OpenVINO compiled f32" in r.getMessage() for r in caplog.records)
+
+
+@needs_openvino
+def test_default_precision_follows_this_cpu(test_bundle, tmp_path, caplog):
+    """No inference_precision: bf16 where this CPU has it natively (AVX-512 BF16 / AMX), else f32; either
+    way the choice and its reason are logged at start-up."""
+    cpu = read_cpu_info()
+    native = bool({"avx512_bf16", "amx_bf16"} & cpu.flags)
+    with caplog.at_level(logging.INFO, logger=OV_LOGGER):
+        with OpenVINOBackend(test_bundle / "encoder.onnx", cache_dir=None) as backend:
+            compiled, reason = backend.precision, backend.precision_reason
+    assert compiled == ("bf16" if native else "f32"), (compiled, reason)
+    assert ("natively" if native else "no native bf16") in reason
+    assert any(f"precision {compiled}" in r.getMessage() for r in caplog.records if r.name == OV_LOGGER)
 
 
 # ------------------------------------------------------------------------------------------------------
