@@ -18,6 +18,9 @@ skipped with a note), it measures after ``--warmup`` calls:
 * memory per engine: what loading it added to the process (RSS) and the peak working memory of one
   batch-1 image through encoder and decoder at the bundle's vocabulary (the kernel's high-water mark,
   reset before each engine), and the whole run's peak RSS.
+* with ``--openvino f32 bf16``: the fp32 bundles on OpenVINO at those precisions and int8 bundles on OpenVINO;
+* with ``--eval-images``: every engine's accuracy report against the onnxruntime fp32 engine (top-10
+  agreement, flipped decisions, max probability error) beside its speed, and a speed-vs-agreement plot.
 
 Engines are measured interleaved (one call of each per round), so a load change on the machine hits
 all of them alike and the ratios stay meaningful. The torch eager fp32 model is rebuilt from the
@@ -436,6 +439,34 @@ class TorchEngine(Engine):
         self.model = None
 
 
+class OpenVINOEngine(Engine):
+    """Both graphs of a bundle on the runtime's OpenVINO backend (CPU) at ``inference_precision`` "f32" or
+    "bf16" (bf16 falls back to f32 on CPUs without native bf16; ``precision`` says what was compiled)."""
+
+    def __init__(self, bundle: Bundle, inference_precision: str, threads: Optional[int], label: str):
+        from ram_edge.runtime.backends.openvino import OpenVINOBackend
+
+        graphs = bundle.manifest["graphs"]
+        options = {"inference_precision": inference_precision, "num_threads": threads, "cache_dir": None}
+        self.encoder = OpenVINOBackend(bundle.path / graphs["encoder"]["file"], **options).activate()
+        self.decoder = OpenVINOBackend(bundle.path / graphs["decoder"]["file"], **options).activate()
+        self.precision = self.encoder.precision
+        self.name = label
+
+    def set_vocabulary(self, embed: np.ndarray, mask: np.ndarray) -> None:
+        self.decoder.set_constant_inputs({"label_embed": embed, "label_mask": mask})
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.encoder.infer({"pixel_values": pixels})["image_embeds"]
+
+    def decode(self, embeds: np.ndarray) -> np.ndarray:
+        return self.decoder.infer({"image_embeds": embeds})["logits"]
+
+    def close(self) -> None:
+        self.encoder.deactivate()
+        self.decoder.deactivate()
+
+
 def provider_plan(available: Sequence[str], cache_dir: Path) -> Tuple[List[Tuple[str, list]], List[str]]:
     """[(label, providers)] to measure, and notes on what is skipped."""
     plan, notes = [("cpu", ["CPUExecutionProvider"])], []
@@ -548,6 +579,52 @@ def measure_swap(engine: OrtEngine, num_tags: int, descriptions: int, dim: int, 
             "float32_bytes": int(embed.nbytes), "float16_to_float32_numpy_s": summarize(numpy_build),
             "float16_to_float32_ort_s": summarize(ort_build), "bind_s": summarize(bind),
             "first_decode_s": first, "steady_decode_s": steady}
+
+
+def measure_accuracy(engines, reference: str, image_paths: Sequence[Path], preprocess, thresholds) -> Dict[str, dict]:
+    """Every engine's accuracy report (ram_edge.calibration.accuracy) against ``reference``'s logits (the
+    onnxruntime fp32 engine: the fp32 graphs) on ``image_paths``, the bundle's vocabulary set."""
+    from ram_edge.calibration import compare_logits
+
+    pixels = [preprocess(path.read_bytes())[None] for path in image_paths]
+    logits = {}
+    for engine in engines:
+        log(f"accuracy: {engine.name} on {len(pixels)} images")
+        logits[engine.name] = np.concatenate([engine.decode(engine.encode(p)) for p in pixels])
+    base = logits[reference]
+    return {name: compare_logits(base, value, thresholds, reference_name=reference).to_dict()
+            for name, value in logits.items()}
+
+
+def plot_speed_vs_agreement(report: dict, out_dir: Path) -> List[str]:
+    """Speed-up over torch eager (batch 1, end to end) against top-10 agreement with fp32, one point per
+    engine, the flip rate written beside it."""
+    accuracy, main = report.get("accuracy"), report["main"]
+    speedups = next((v for k, v in main.items() if k.startswith("speedup_vs_")), None)
+    if not accuracy or not speedups:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for engine, acc in accuracy.items():
+        if engine not in speedups or "total" not in speedups[engine]:
+            continue
+        x, y = acc["top10_agreement"], speedups[engine]["total"]
+        ax.plot(x, y, "o")
+        ax.annotate(f"{engine}\n{acc['flip_rate']:.2%} flipped", (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.axvline(0.95, color="grey", ls=":", lw=1)
+    ax.set_xlabel(f"top-10 agreement with fp32 ({next(iter(accuracy.values()))['images']} images)")
+    ax.set_ylabel("speed-up vs torch eager, end to end (batch 1)")
+    ax.set_title(f"Speed vs agreement ({main['tags']} tags)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "speed_vs_agreement.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [str(path)]
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -692,8 +769,9 @@ def print_tables(report: dict, peak: dict) -> None:
 # -- main --------------------------------------------------------------------------------------------
 
 
-def ensure_demo_bundles(variant: str, precisions: Sequence[str], cache_dir: Path, num_tags: Optional[int]) -> List[Path]:
-    from ram_edge.export import export_bundle
+def ensure_demo_bundles(variant: str, precisions: Sequence[str], cache_dir: Path, num_tags: Optional[int],
+                        calibration_images: Optional[Path] = None, eval_images: Optional[Path] = None) -> List[Path]:
+    from ram_edge.export import CalibrationOptions, export_bundle
     from ram_edge.models import demo_model
 
     paths = []
@@ -706,7 +784,14 @@ def ensure_demo_bundles(variant: str, precisions: Sequence[str], cache_dir: Path
                 log(f"building demo model {variant}")
                 model = demo_model(variant, num_tags=num_tags)
             log(f"exporting {variant} {precision} bundle to {path}")
-            export_bundle(model, path, precision=precision, source="demo:seed=0", overwrite=True, progress=lambda m: log("  " + m))
+            calibration = None
+            if precision == "int8":
+                if calibration_images is None:
+                    raise SystemExit("--precisions int8 with --demo needs --calibration-images DIR")
+                calibration = CalibrationOptions(str(calibration_images))
+            export_bundle(model, path, precision=precision, source="demo:seed=0", overwrite=True,
+                          progress=lambda m: log("  " + m), calibration=calibration,
+                          eval_images=eval_images if calibration is not None else None)
         paths.append(path)
     return paths
 
@@ -739,6 +824,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"directory for latency.json and the plots (default {DEFAULT_OUT.relative_to(REPO)}/, ignored by git)")
     p.add_argument("--caption", action="store_true", help="measure the caption stage instead (bundles with captioning graphs)")
     p.add_argument("--caption-beams", type=int, default=3, help="with --caption: beams of the beam-search runs (default 3)")
+    p.add_argument("--openvino", nargs="*", default=[], choices=["f32", "bf16"], metavar="PRECISION",
+                   help="also run every fp32 bundle on OpenVINO at these inference precisions (f32, bf16) and "
+                   "every int8 bundle on OpenVINO (pip install ram-edge[openvino])")
+    p.add_argument("--calibration-images", type=Path, help="with --demo and int8 in --precisions: calibration photos")
+    p.add_argument("--eval-images", type=Path, help="photos for every engine's accuracy report against ORT fp32")
+    p.add_argument("--eval-size", type=int, default=16, help="at most this many --eval-images (default 16)")
     args = p.parse_args(argv)
     if args.memory_probe:
         return args
@@ -762,7 +853,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     bundle_paths = list(args.bundles)
     if args.demo:
-        bundle_paths += ensure_demo_bundles(args.demo, args.precisions, args.cache_dir, args.num_tags)
+        bundle_paths += ensure_demo_bundles(args.demo, args.precisions, args.cache_dir, args.num_tags,
+                                            args.calibration_images, args.eval_images)
     bundles = [load_bundle(p) for p in bundle_paths]
     configs = {json.dumps(b.config, sort_keys=True) for b in bundles}
     if len(configs) != 1:
@@ -807,6 +899,21 @@ def main(argv=None) -> int:
                 notes.append(f"{name}: failed to load ({e}); skipped")
                 log(notes[-1])
 
+    for bundle in bundles:
+        for ov_precision in (args.openvino if bundle.precision == "fp32" else ["f32"] if bundle.precision == "int8" and args.openvino else []):
+            name = f"openvino-{bundle.precision}" + (f"-{ov_precision}" if bundle.precision == "fp32" else "")
+            log(f"loading {name}")
+            try:
+                engine = OpenVINOEngine(bundle, ov_precision, threads, name)
+            except ImportError as e:
+                notes.append(f"{name}: {e}; skipped")
+                log(notes[-1])
+                break
+            if engine.precision != ov_precision:
+                notes.append(f"{name}: OpenVINO compiled {engine.precision} ({engine.encoder.precision_reason})")
+                log(notes[-1])
+            engines.append(engine)
+
     from ram_edge.vocabulary import Vocabulary
 
     vocab = Vocabulary.load(first.path / first.manifest["vocabulary"]["dir"])
@@ -834,6 +941,15 @@ def main(argv=None) -> int:
                 base_logits = logits
             agreement[engine.name] = float(np.abs(logits - base_logits).max())
 
+    accuracy = None
+    fp32_engines = [e.name for e in engines if e.name == "ort-cpu-fp32" or e.name.startswith("ort-cpu-fp32[")]
+    if args.eval_images and fp32_engines:
+        from ram_edge.calibration import evaluation_images
+
+        paths = [Path(p) for p in evaluation_images(args.eval_images, args.eval_size)]
+        accuracy = measure_accuracy(engines, fp32_engines[0], paths, preprocess, thresholds)
+    elif args.eval_images:
+        notes.append("--eval-images needs an fp32 bundle (the reference): no accuracy measured")
 
     swaps: Dict[str, Dict[int, float]] = {}
     run_tags_sweep(engines, embeds_by_engine, sorted(args.tags), bundle_vocab, descriptions, dim, min(args.batch),
@@ -864,12 +980,13 @@ def main(argv=None) -> int:
                  "decoder_per_tag_per_image": decoder_macs(config, 1) - decoder_macs(config, 0)},
         "max_abs_logit_diff_vs_baseline": agreement, "set_vocabulary_s": swaps, "vocabulary_swap": swap_report,
         "memory_mib": {"engines": memory, "process_peak": peak_rss_mib()},
+        "accuracy": accuracy,
         "settings": {"repeats": args.repeats, "warmup": args.warmup, "threads": threads, "batch": args.batch, "tags": args.tags},
         "seconds": time.perf_counter() - started,
     })
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
-    report["plots"] = plot(report, args.out)
+    report["plots"] = plot(report, args.out) + (plot_speed_vs_agreement(report, args.out) if accuracy else [])
     (args.out / "latency.json").write_text(json.dumps(report, indent=1))
     print_tables(report, peak)
     for s in swap_report:
@@ -879,6 +996,15 @@ def main(argv=None) -> int:
               f"first decode {s['first_decode_s'] * 1e3:.0f} ms (steady {s['steady_decode_s'] * 1e3:.0f} ms)")
     if agreement:
         print("max |logit - torch|: " + ", ".join(f"{k} {v:.2e}" for k, v in agreement.items()))
+    if accuracy:
+        speedups = next((v for k, v in report["main"].items() if k.startswith("speedup_vs_")), {})
+        print(f"\naccuracy against {fp32_engines[0]} on {next(iter(accuracy.values()))['images']} images, beside the speed:")
+        print(f"{'engine':34s} {'total s':>8s} {'vs torch':>9s} {'top-10':>7s} {'flipped':>8s} {'max|dp|':>8s}")
+        for name, acc in accuracy.items():
+            total = report["main"]["p50_s"].get(name, {}).get("total", float("nan"))
+            ratio = speedups.get(name, {}).get("total", float("nan"))
+            print(f"{name:34s} {total:8.3f} {ratio:8.2f}x {acc['top10_agreement']:7.4f} {acc['flip_rate']:8.3%} "
+                  f"{acc['max_probability_error']:8.4f}")
     log(f"wrote {args.out / 'latency.json'} and {len(report['plots'])} plots in {report['seconds']:.0f} s")
     return 0
 

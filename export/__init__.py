@@ -11,8 +11,10 @@ import importlib
 _EXPORTS = {
     "DEFAULT_MAX_BATCH": "options", "DEFAULT_OPSET": "options", "ExportError": "options",
     "check_export_options": "options", "LOGIT_TOLERANCE": "precision", "PRECISIONS": "precision",
-    "ExportResult": "bundle", "VerificationError": "bundle", "add_text_encoder": "bundle",
-    "default_vocabulary": "bundle", "export_bundle": "bundle",
+    "CALIBRATION_METHODS": "precision", "ExportResult": "bundle", "VerificationError": "bundle",
+    "AccuracyError": "bundle", "add_text_encoder": "bundle", "default_vocabulary": "bundle",
+    "export_bundle": "bundle", "CalibrationOptions": "int8", "DEFAULT_SENSITIVITY_IMAGES": "options",
+    "quantization_groups": "int8",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ import numpy as np
 
 from ram_edge import __version__
 from ram_edge import bundle_format as bf
+from ram_edge.calibration import DEFAULT_EVAL_SIZE, AccuracyLimits, AccuracyReport, CalibrationError, evaluation_images
 from ram_edge.models import RAMTagger
 from ram_edge.models.clip_text import ClipTextModel, text_config_summary
 from ram_edge.tags import DEFAULT_THRESHOLD, TAG2TEXT_DELETE_TAG_INDEX, TAG2TEXT_NUM_TAGS
@@ -35,6 +37,7 @@ from ram_edge.tokenizer_files import BERT_VOCAB_FILE, CLIP_BPE_FILE, bert_vocab_
 from ram_edge.vocabulary import Vocabulary
 
 from .graphs import GraphSpec, caption_graph_specs, image_graph_specs, text_encoder_spec
+from .int8 import AccuracyCheck, CalibrationOptions, Int8Calibration
 from .onnx_export import save_onnx, trace_to_onnx
 from .options import DEFAULT_MAX_BATCH, DEFAULT_OPSET, ExportError, check_export_options
 from .precision import (
@@ -68,6 +71,16 @@ class VerificationError(ExportError):
             f"exported graphs disagree with the torch model: {what} > tolerance {verification.tolerance:g}; "
             "nothing written"
         )
+
+
+class AccuracyError(ExportError):
+    """The bundle's tags are further from the fp32 graphs' than the accuracy limits allow."""
+
+    def __init__(self, report: AccuracyReport, violations, precision: str):
+        self.report = report
+        self.violations = list(violations)
+        super().__init__(f"the {precision} graphs' tags are too far from fp32's on {report.images} held-out images: "
+                         f"{'; '.join(self.violations)}; nothing written")
 
 
 @dataclass
@@ -130,19 +143,59 @@ def _staging_directory(out_dir: Path, overwrite: bool) -> Iterator[Path]:
         yield staging
 
 
+@contextmanager
+def _scratch_directory(out_dir: Path) -> Iterator[Path]:
+    """A hidden sibling of ``out_dir`` (same disk: it may hold several copies of a graph) for fp32 copies
+    and int8 variants; always removed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.scratch-", dir=out_dir.parent))
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _accuracy_check(model: RAMTagger, scratch: Path, vocabulary: Vocabulary, precision: str,
+                    calibration: Optional[CalibrationOptions], eval_images, eval_size: int, limits: AccuracyLimits,
+                    say: Progress) -> Optional[AccuracyCheck]:
+    """The export's accuracy check: int8's calibration context, an fp32 comparison for ``eval_images``, or None."""
+    try:
+        if precision == "int8":
+            return Int8Calibration(model, scratch, vocabulary, calibration, eval_images, eval_size, limits, say)
+        if eval_images is not None:
+            paths = evaluation_images(eval_images, eval_size)
+            return AccuracyCheck(scratch, vocabulary, model.config.image_size, paths, limits,
+                                 f"--eval-images ({len(paths)} images)", say)
+    except CalibrationError as e:
+        raise ExportError(str(e)) from e
+    return None
+
+
 def _write_graph(spec: GraphSpec, directory: Path, precision: str, opset: int, metadata: Dict[str, object],
-                 say: Progress) -> None:
-    """Trace ``spec`` into ``directory``, convert it to ``precision`` and save it with ``metadata``."""
+                 say: Progress, accuracy: Optional[AccuracyCheck] = None) -> None:
+    """Trace ``spec`` into ``directory``, convert it to ``precision`` and save it with ``metadata``.
+
+    ``accuracy``: the export's accuracy check, which keeps a copy of the fp32 graph for its report and,
+    for int8, is the calibration context that quantizes it.
+    """
     step = time.perf_counter()
     path = directory / spec.file
     say(f"tracing the {spec.name} to ONNX (opset {opset})")
     proto = trace_to_onnx(spec, path, opset)
+    if accuracy is not None:
+        accuracy.keep_fp32(spec, path)
     if precision == "fp16":
         say(f"converting the {spec.name} to fp16")
         proto = to_fp16(proto)
     elif precision == "int8-dynamic":
         say(f"quantizing the {spec.name}'s weights to int8 (dynamic activations)")
         proto = to_int8_dynamic(path)
+    elif precision == "int8":
+        if not isinstance(accuracy, Int8Calibration):
+            raise ExportError("--precision int8 needs calibration images (--calibration-images DIR)")
+        say(f"quantizing the {spec.name} to static int8 (calibrated Q/DQ)")
+        del proto
+        proto = accuracy.convert(spec, path)
     save_onnx(proto, path, {**metadata, "graph": spec.name, "precision": precision,
                             "inputs": _describe(spec.inputs), "outputs": _describe(spec.outputs)})
     del proto
@@ -278,11 +331,21 @@ def export_bundle(
     overwrite: bool = False,
     verify: bool = True,
     progress: Optional[Progress] = None,
+    calibration: Optional[CalibrationOptions] = None,
+    eval_images: Optional[Union[str, os.PathLike]] = None,
+    eval_size: int = DEFAULT_EVAL_SIZE,
+    accuracy_limits: Optional[AccuracyLimits] = None,
 ) -> ExportResult:
     """Export ``model`` to a bundle at ``out_dir``: encoder.onnx, decoder.onnx, vocabulary/, manifest.json,
     with ``text_encoder`` (a CLIP text tower) text_encoder.onnx + tokenizer/, and for a model with a
     captioning branch tag_encoder.onnx + text_decoder.onnx + caption_tokenizer/ (``captioning``: None =
     whenever the model has the branch, False = never, True = required).
+
+    ``precision="int8"`` needs ``calibration`` (its images, count, method; see ``export/int8.py``). With
+    int8 or ``eval_images`` the bundle's tags are compared with the fp32 graphs' on held-out images
+    (``eval_images``' first ``eval_size``, or held out of the calibration images): the report goes into
+    the manifest (``accuracy``) and past ``accuracy_limits`` (default ``AccuracyLimits()``) the export
+    raises ``AccuracyError`` and writes nothing.
 
     ``vocabulary`` replaces the model's default vocabulary in the bundle (the graphs do not change);
     ``vocab_dtype`` is how its embeddings are stored: "float16", "float32" or "auto" (float32 up to
@@ -293,6 +356,12 @@ def export_bundle(
     """
     check_export_options(precision=precision, opset=opset, max_batch=max_batch, vocab_dtype=vocab_dtype,
                          text_precision=text_precision)
+    if precision == "int8" and calibration is None:
+        raise ExportError("--precision int8 needs calibration images: --calibration-images DIR (a few hundred of "
+                          "your own photos)")
+    if calibration is not None and precision != "int8":
+        raise ExportError(f"--calibration-images applies to --precision int8, not {precision}")
+    limits = accuracy_limits or AccuracyLimits()
     say = progress or (lambda message: None)
     started = time.perf_counter()
     out_dir = Path(out_dir)
@@ -316,10 +385,8 @@ def export_bundle(
     }
     specs = image_graph_specs(model)
 
-    with _staging_directory(out_dir, overwrite) as staging:
-        for spec in specs:
-            _write_graph(spec, staging, precision, opset, metadata, say)
-
+    with _staging_directory(out_dir, overwrite) as staging, _scratch_directory(out_dir) as scratch:
+        # The vocabulary first: calibration and the accuracy report run the graphs with it.
         vocab = vocabulary if vocabulary is not None else default_vocabulary(model)
         vocab_dtype = vocab.storage_dtype(vocab_dtype)
         say(f"writing the default vocabulary ({len(vocab)} tags, {vocab_dtype} embeddings)")
@@ -328,6 +395,11 @@ def export_bundle(
         if model.tags.source in RECOGNIZE_ANYTHING_TAG_SOURCES:
             notice = resources.files("ram_edge").joinpath("data", NOTICE_FILE).read_bytes()
             (staging / NOTICE_FILE).write_bytes(notice)
+
+        accuracy = _accuracy_check(model, scratch, stored_vocab, precision, calibration, eval_images, eval_size,
+                                   limits, say)
+        for spec in specs:
+            _write_graph(spec, staging, precision, opset, metadata, say, accuracy)
 
         verification = None
         if verify:
@@ -340,6 +412,15 @@ def export_bundle(
             )
             if not verification.passed:
                 raise VerificationError(verification)
+        accuracy_section = None
+        if accuracy is not None:
+            say(f"comparing the {precision} graphs' tags with fp32's on {len(accuracy.eval_pixels)} held-out images "
+                f"({accuracy.evaluation_source})")
+            report = accuracy.report(staging)
+            accuracy_section = accuracy.manifest_section(report)
+            say(f"  {report.summary()}")
+            if not accuracy_section["passed"]:
+                raise AccuracyError(report, accuracy_section["violations"], precision)
         text = None
         if text_encoder is not None:
             text = _write_text_encoder(text_encoder, staging, precision=text_precision, opset=opset, verify=verify,
@@ -351,6 +432,10 @@ def export_bundle(
 
         manifest = _manifest(model, staging, precision, opset, max_batch, source, stored_vocab, vocab_dtype,
                              verification, specs, text, caption)
+        if accuracy_section is not None:
+            manifest["accuracy"] = accuracy_section
+        if isinstance(accuracy, Int8Calibration):
+            manifest["quantization"] = accuracy.manifest_quantization()
         bf.write_json(staging / bf.MANIFEST_FILE, manifest)  # last: its presence marks a complete bundle
     elapsed = time.perf_counter() - started
     say(f"bundle written to {out_dir} in {elapsed:.1f} s")

@@ -20,19 +20,29 @@ examples:
   ram-export --demo ram_plus_tiny_384 --out bundles/tiny                 (seconds; for trying things out)
   ram-export --checkpoint tag2text_swin_14m.pth --out bundles/tag2text    (tagging + captioning graphs)
   ram-export --checkpoint ram_swin_large_14m.pth --captioning --out bundles/ram_caption   (RAM's captions)
+  ram-export --checkpoint ram_plus_swin_large_14m.pth --precision int8 --calibration-images my_photos/ --out bundles/ram_plus_int8
+
+int8 (static, calibrated): calibrate on a few hundred of your own photos (--calibration-size, default
+128); 20 % of the folder (at most --eval-size) is held out for the accuracy report unless --eval-images
+is given. The export prints each layer group's sensitivity and which groups stay float, and refuses the
+bundle when its tags are further from fp32's than --min-top10-agreement / --max-flip-rate allow.
 
 The text encoder (CLIP ViT-B/16's text tower: OpenAI's ViT-B-16.pt, an open_clip checkpoint or Hugging
 Face openai/clip-vit-base-patch16 model.safetensors) lets the runtime build open-set vocabularies from
 words (ram-vocab, ram-tag --tags) and classify zero-shot (ram-tag --classify).
 
-exit status: 0 bundle written; 1 the graphs failed verification (nothing written);
+exit status: 0 bundle written; 1 the graphs failed verification or the accuracy limits (nothing written);
              2 bad arguments, checkpoint or output path; 130 interrupted (nothing written)
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ram_edge.export.precision import PRECISIONS
-    from ram_edge.models.config import PRESETS  # plain dataclasses: no torch import for --help
+    # Plain constants and dataclasses: no torch (or onnx) import for --help and the argument checks.
+    from ram_edge.calibration.accuracy import DEFAULT_MAX_FLIP_RATE, DEFAULT_MIN_TOP10_AGREEMENT
+    from ram_edge.calibration.images import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_SIZE
+    from ram_edge.export.options import DEFAULT_SENSITIVITY_IMAGES
+    from ram_edge.export.precision import CALIBRATION_METHODS, PRECISIONS
+    from ram_edge.models.config import PRESETS
 
     parser = argparse.ArgumentParser(
         prog="ram-export",
@@ -81,6 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--text-precision", choices=["fp32", "fp16"], default="fp32",
                       help="precision of text_encoder.onnx (default fp32: vocabularies are built once)")
     text.add_argument("--no-text-encoder", action="store_true", help="with --demo: leave out the demo text encoder")
+    int8 = parser.add_argument_group("int8 calibration and the accuracy report (--precision int8; --eval-images for any precision)")
+    int8.add_argument("--calibration-images", metavar="DIR",
+                      help="photos to calibrate --precision int8 on (recursively; a few hundred of your own)")
+    int8.add_argument("--calibration-size", type=int, default=DEFAULT_CALIBRATION_SIZE, metavar="N",
+                      help=f"calibrate on at most N images of the folder (default {DEFAULT_CALIBRATION_SIZE})")
+    int8.add_argument("--calibration-method", choices=list(CALIBRATION_METHODS), default="minmax",
+                      help="activation ranges: minmax (default), entropy or percentile (99.999 %%)")
+    int8.add_argument("--sensitivity-images", type=int, default=DEFAULT_SENSITIVITY_IMAGES, metavar="N",
+                      help=f"calibration images each layer group's sensitivity is measured on (default {DEFAULT_SENSITIVITY_IMAGES})")
+    int8.add_argument("--eval-images", metavar="DIR",
+                      help="held-out photos for the accuracy report against fp32 (default with int8: 20 %% of "
+                      "--calibration-images, at most --eval-size)")
+    int8.add_argument("--eval-size", type=int, default=DEFAULT_EVAL_SIZE, metavar="N",
+                      help=f"evaluate on at most N images (default {DEFAULT_EVAL_SIZE})")
+    int8.add_argument("--min-top10-agreement", type=float, default=DEFAULT_MIN_TOP10_AGREEMENT, metavar="A",
+                      help=f"refuse the bundle below this mean top-10 tag agreement with fp32 (default {DEFAULT_MIN_TOP10_AGREEMENT})")
+    int8.add_argument("--max-flip-rate", type=float, default=DEFAULT_MAX_FLIP_RATE, metavar="F",
+                      help="refuse the bundle above this share of (image, tag) decisions that differ from fp32 "
+                      f"at the per-tag thresholds (default {DEFAULT_MAX_FLIP_RATE})")
+    int8.add_argument("--max-probability-error", type=float, metavar="P",
+                      help="refuse the bundle above this max |probability - fp32 probability| (default: no limit)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle (or its text encoder) at --out (only once the new one is complete)")
     parser.add_argument("--no-verify", action="store_true", help="skip the onnxruntime-vs-torch check (not recommended)")
     add_common_flags(parser, "ram-export")
@@ -90,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Everything that can be refused from the arguments alone, before torch is imported and a model is
     built (argparse's error: exit 2 with the usage line)."""
+    from ram_edge.calibration.images import CalibrationError, list_images
     from ram_edge.export.options import ExportError, check_export_options
 
     if not (args.checkpoint or args.demo or args.text_encoder):
@@ -108,6 +140,26 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     for flag, path in (("--checkpoint", args.checkpoint), ("--text-encoder", args.text_encoder), ("--tags", args.tags)):
         if path and not Path(path).is_file():
             parser.error(f"{flag} {path}: no such file")
+    for flag, path in (("--calibration-images", args.calibration_images), ("--eval-images", args.eval_images)):
+        if path:  # an empty or missing folder is refused before minutes of model loading and tracing
+            try:
+                list_images(path, flag)
+            except CalibrationError as e:
+                parser.error(str(e))
+    if args.precision == "int8" and not args.calibration_images:
+        parser.error("--precision int8 needs --calibration-images DIR (a few hundred of your own photos)")
+    if args.calibration_images and args.precision != "int8":
+        parser.error(f"--calibration-images applies to --precision int8, not {args.precision}")
+    if not (args.checkpoint or args.demo) and (args.calibration_images or args.eval_images):
+        parser.error("--calibration-images and --eval-images apply to image graphs (--checkpoint or --demo)")
+    for flag, value in (("--calibration-size", args.calibration_size), ("--eval-size", args.eval_size),
+                        ("--sensitivity-images", args.sensitivity_images)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--min-top10-agreement", args.min_top10_agreement), ("--max-flip-rate", args.max_flip_rate),
+                        ("--max-probability-error", args.max_probability_error)):
+        if value is not None and not 0.0 <= value <= 1.0:
+            parser.error(f"{flag} must be within 0 and 1, got {value}")
     try:
         check_export_options(precision=args.precision, opset=args.opset, max_batch=args.max_batch,
                              vocab_dtype=args.vocab_dtype, text_precision=args.text_precision)
@@ -131,7 +183,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     say("importing torch and the exporter")
     try:
-        from ram_edge.export import ExportError, VerificationError, add_text_encoder, export_bundle
+        from ram_edge.calibration import AccuracyLimits
+        from ram_edge.export import AccuracyError, CalibrationOptions, ExportError, VerificationError, add_text_encoder, export_bundle
         from ram_edge.export.bundle import check_output_dir
         from ram_edge.models import CheckpointError, demo_model, load_checkpoint
         from ram_edge.models.checkpoint import as_tag_set
@@ -168,6 +221,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 text_preset = "clip_tiny" if "_tiny_" in args.demo else "clip_vit_b_16"
                 say(f"building the demo text encoder ({text_preset}, seed {args.seed})")
                 text_encoder = demo_clip_text(text_preset, seed=args.seed)
+        calibration = None
+        if args.calibration_images:
+            calibration = CalibrationOptions(args.calibration_images, size=args.calibration_size,
+                                             method=args.calibration_method, sensitivity_images=args.sensitivity_images)
         config = model.config
         say(
             f"model: {config.kind} {config.variant}, image {config.image_size}, Swin {config.swin.embed_dim}/"
@@ -187,11 +244,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             overwrite=args.overwrite,
             verify=not args.no_verify,
             progress=say,
+            calibration=calibration,
+            eval_images=args.eval_images,
+            eval_size=args.eval_size,
+            accuracy_limits=AccuracyLimits(args.min_top10_agreement, args.max_flip_rate, args.max_probability_error),
         )
     except KeyboardInterrupt:
         print("ram-export: interrupted; no bundle was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except VerificationError as e:
+    except (VerificationError, AccuracyError) as e:
         print(f"ram-export: {e}", file=sys.stderr)
         return EXIT_VERIFICATION_FAILED
     except (CheckpointError, ClipCheckpointError, ExportError, ValueError, KeyError, OSError) as e:

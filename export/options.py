@@ -9,6 +9,8 @@ DEFAULT_OPSET = 17
 MIN_OPSET = 17  # LayerNormalization is one node from opset 17 on (TensorRT keeps it accurate in fp16)
 DEFAULT_MAX_BATCH = 32
 VOCAB_DTYPES = ("auto", "float16", "float32")
+#: Calibration images the per-group int8 sensitivity and the choice of float groups are measured on.
+DEFAULT_SENSITIVITY_IMAGES = 4
 
 
 class ExportError(RuntimeError):

@@ -167,3 +167,15 @@ def test_caption_stage_run_writes_json_and_plot(latency, tmp_path):
     for search in ("beam", "greedy"):
         assert 0 < ort[f"caption_{search}_tokens"] <= 26 and ort[f"caption_{search}_tokens_per_s"] > 0
     assert Path(report["plots"][0]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_speed_vs_agreement_plot(latency, tmp_path):
+    pytest.importorskip("matplotlib")
+    acc = {"images": 4, "top10_agreement": 0.97, "flip_rate": 0.004}
+    report = {
+        "main": {"tags": 4585, "speedup_vs_torch": {"torch": {"total": 1.0}, "ort-cpu-int8": {"total": 3.2}}},
+        "accuracy": {"torch": {**acc, "top10_agreement": 1.0, "flip_rate": 0.0}, "ort-cpu-int8": acc},
+    }
+    (path,) = latency.plot_speed_vs_agreement(report, tmp_path)
+    assert Path(path).stat().st_size > 10_000 and Path(path).name == "speed_vs_agreement.png"
+    assert latency.plot_speed_vs_agreement({"main": report["main"], "accuracy": None}, tmp_path) == []

@@ -411,13 +411,13 @@ def _tags(bundle, reference):
 
 def test_fp16_captioning_graphs(tmp_path, reference):
     """fp16 bundles carry fp16 captioning graphs (inputs and outputs stay float32), verified against torch
-    at export; int8-dynamic bundles keep them fp32 (dynamic int8 moved step logits by ~10)."""
+    at export; int8-dynamic and int8 bundles keep them fp32 (dynamic int8 moved step logits by ~10)."""
     pytest.importorskip("torch")
     from ram_edge.export import export_bundle
     from ram_edge.export.precision import CAPTION_PRECISION, CAPTION_TOLERANCE
     from ram_edge.models import demo_model
 
-    assert CAPTION_PRECISION == {"fp32": "fp32", "fp16": "fp16", "int8-dynamic": "fp32"}
+    assert CAPTION_PRECISION == {"fp32": "fp32", "fp16": "fp16", "int8-dynamic": "fp32", "int8": "fp32"}
     model = demo_model("tag2text_tiny_384", seed=4, num_tags=20)
     manifest = export_bundle(model, tmp_path / "b", precision="fp16", source="demo:seed=4").manifest
     caption = manifest["caption"]
