@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import socket
 import sys
 import warnings
@@ -189,17 +190,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "listening on %s without a token: anyone who reaches this address can use the service", args.host)
     print(f"ram-serve: serving {args.bundle} on http://{url_host}:{port}/ (API docs: /docs)", file=sys.stderr,
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(
+    server = _make_server_class()(uvicorn.Config(
         create_app(TaggingService(tagger, config, close_tagger=True)), log_level=args.log_level,
         access_log=not args.no_access_log, timeout_graceful_shutdown=int(max(1, args.request_timeout)),
     ))
     try:
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn re-raises the signal after its graceful shutdown
+    except KeyboardInterrupt:  # uvicorn re-raises the signal after its graceful shutdown (mostly: see _Server)
         return EXIT_INTERRUPTED
     finally:
         sock.close()
+    if server.interrupted:
+        return EXIT_INTERRUPTED
     return EXIT_OK if server.started else EXIT_FAILED
+
+
+def _make_server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, remembering a Ctrl-C itself: after its graceful shutdown uvicorn re-raises the
+        signal into the handler it replaced, which inside ``asyncio.run`` is asyncio's own; whether that
+        ends in KeyboardInterrupt depends on timing, and the exit status must not (130 either way)."""
+
+        interrupted = False
+
+        def handle_exit(self, sig, frame):
+            if sig == signal.SIGINT:
+                self.interrupted = True
+            super().handle_exit(sig, frame)
+
+    return Server
 
 
 if __name__ == "__main__":  # pragma: no cover
