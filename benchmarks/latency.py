@@ -753,9 +753,11 @@ def print_tables(report: dict, peak: dict) -> None:
             for engine, values in table.items():
                 print(f"{engine:34s}" + "".join(f"{values.get(s, float('nan')):11.2f}x" for s in stages))
     for engine, fit in report["decoder_linear_fit"].items():
+        if not np.isfinite(fit["ms_per_1000_tags"]):  # one --tags value: nothing to fit
+            continue
         print(f"decoder fit {engine}: {fit['ms_per_1000_tags']:.1f} ms per 1000 tags + {fit['intercept'] * 1e3:.1f} ms, R^2 {fit['r2']:.4f}")
     memory = report.get("memory_mib")
-    if memory:
+    if memory and memory["engines"]:  # --no-memory: no probes
         print(f"memory, each engine alone in a fresh process, one image (MiB; this whole run peaked at "
               f"{memory['process_peak']:.0f}):")
         for engine, m in memory["engines"].items():
