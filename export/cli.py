@@ -98,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"calibrate on at most N images of the folder (default {DEFAULT_CALIBRATION_SIZE})")
     int8.add_argument("--calibration-method", choices=list(CALIBRATION_METHODS), default="minmax",
                       help="activation ranges: minmax (default), entropy or percentile (99.999 %%)")
+    int8.add_argument("--int8-weight-bits", type=int, choices=[7, 8], default=7, metavar="{7,8}",
+                      help="7 (default): weights within +-64, the same results on every x86 CPU (AVX2 without VNNI "
+                      "saturates full-range products); 8: full int8 range, finer weights, for bundles that run only on "
+                      "CPUs with VNNI / AMX or on TensorRT")
     int8.add_argument("--sensitivity-images", type=int, default=DEFAULT_SENSITIVITY_IMAGES, metavar="N",
                       help=f"calibration images each layer group's sensitivity is measured on (default {DEFAULT_SENSITIVITY_IMAGES})")
     int8.add_argument("--eval-images", metavar="DIR",
@@ -150,6 +154,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--precision int8 needs --calibration-images DIR (a few hundred of your own photos)")
     if args.calibration_images and args.precision != "int8":
         parser.error(f"--calibration-images applies to --precision int8, not {args.precision}")
+    if args.int8_weight_bits != 7 and args.precision != "int8":
+        parser.error(f"--int8-weight-bits applies to --precision int8, not {args.precision}")
     if not (args.checkpoint or args.demo) and (args.calibration_images or args.eval_images):
         parser.error("--calibration-images and --eval-images apply to image graphs (--checkpoint or --demo)")
     for flag, value in (("--calibration-size", args.calibration_size), ("--eval-size", args.eval_size),
@@ -224,7 +230,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         calibration = None
         if args.calibration_images:
             calibration = CalibrationOptions(args.calibration_images, size=args.calibration_size,
-                                             method=args.calibration_method, sensitivity_images=args.sensitivity_images)
+                                             method=args.calibration_method, sensitivity_images=args.sensitivity_images,
+                                             weight_bits=args.int8_weight_bits)
         config = model.config
         say(
             f"model: {config.kind} {config.variant}, image {config.image_size}, Swin {config.swin.embed_dim}/"

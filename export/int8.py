@@ -52,7 +52,9 @@ from ram_edge.vocabulary import Vocabulary
 
 from .graphs import GraphSpec
 from .options import DEFAULT_SENSITIVITY_IMAGES
-from .precision import CALIBRATION_METHODS, INT8_OP_TYPES, quantized_nodes, to_int8, with_quantized_subset
+from .precision import (
+    CALIBRATION_METHODS, INT8_OP_TYPES, WEIGHT_BITS, WEIGHT_RANGE, quantized_nodes, to_int8, with_quantized_subset,
+)
 
 #: Share of each error budget the encoder may use (the decoder gets the rest).
 ENCODER_BUDGET = 0.5
@@ -215,10 +217,13 @@ class CalibrationOptions:
     size: int = DEFAULT_CALIBRATION_SIZE
     method: str = "minmax"
     sensitivity_images: int = DEFAULT_SENSITIVITY_IMAGES
+    weight_bits: int = 7
 
     def __post_init__(self):
         if self.method not in CALIBRATION_METHODS:
             raise CalibrationError(f"--calibration-method {self.method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+        if self.weight_bits not in WEIGHT_BITS:
+            raise CalibrationError(f"--int8-weight-bits {self.weight_bits!r}: choose 7 or 8")
         if self.sensitivity_images < 1:
             raise CalibrationError(f"--sensitivity-images must be at least 1, got {self.sensitivity_images}")
 
@@ -317,7 +322,8 @@ class Int8Calibration(AccuracyCheck):
         full = self.scratch / f"int8.{graph}.onnx"
         say(f"calibrating the {graph} on {len(reader)} images ({method}, symmetric int8, {len(groups)} groups of "
             f"{'/'.join(INT8_OP_TYPES)})")
-        qdq = to_int8(fp32_path, full, reader=reader, cache_path=cache, method=method)
+        bits = self.options.weight_bits
+        qdq = to_int8(fp32_path, full, reader=reader, cache_path=cache, method=method, weight_bits=bits)
 
         def variant(nodes: Sequence[str]) -> bytes:
             return with_quantized_subset(fp32, qdq, nodes).SerializeToString()
@@ -346,7 +352,7 @@ class Int8Calibration(AccuracyCheck):
             shutil.copyfile(fp32_path, full)  # nothing left to quantize
         else:
             if kept:
-                to_int8(fp32_path, full, cache_path=cache, method=method, nodes_to_exclude=kept)
+                to_int8(fp32_path, full, cache_path=cache, method=method, weight_bits=bits, nodes_to_exclude=kept)
             measured = quantized_nodes(with_quantized_subset(fp32, qdq, quantized))
             written = quantized_nodes(onnx.load(str(full), load_external_data=False))
             if measured != written:
@@ -365,6 +371,8 @@ class Int8Calibration(AccuracyCheck):
             "quantizer": "onnxruntime.quantization.quantize_static",
             "op_types": list(INT8_OP_TYPES),
             "weights": "int8, symmetric, per output channel",
+            "weight_bits": self.options.weight_bits,
+            "weight_range": list(WEIGHT_RANGE) if self.options.weight_bits == 7 else [-127, 127],
             "activations": "int8, symmetric, per tensor (inputs of the quantized products only)",
             "calibration_method": self.options.method,
             "calibration_images": len(self.calibration),

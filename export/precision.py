@@ -54,6 +54,9 @@ INT8_OP_TYPES = ("MatMul", "Conv", "Gemm")
 #: graph stays plain symmetric int8 for TensorRT and VNNI CPUs, and its accuracy report holds on every
 #: backend and CPU instead of only on the one it was measured on.
 WEIGHT_RANGE = (-64, 64)
+#: ``--int8-weight-bits``: 7 (default, :data:`WEIGHT_RANGE`) or 8 (full int8 range, [-127, 127]) for bundles
+#: that only run where products do not saturate (CPUs with AVX-512 VNNI / AVX-VNNI / AMX, TensorRT).
+WEIGHT_BITS = (7, 8)
 
 #: --calibration-method -> onnxruntime's CalibrationMethod member name.
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -134,7 +137,7 @@ def to_int8_dynamic(fp32_path: Path) -> onnx.ModelProto:
 
 
 def to_int8(fp32_path: Path, out_path: Path, *, reader=None, cache_path: Path, method: str = "minmax",
-            nodes_to_quantize: Optional[Sequence[str]] = None,
+            weight_bits: int = 7, nodes_to_quantize: Optional[Sequence[str]] = None,
             nodes_to_exclude: Optional[Sequence[str]] = None) -> onnx.ModelProto:
     """Static int8 (QDQ) of the fp32 graph at ``fp32_path``, written to ``out_path`` and returned.
 
@@ -148,6 +151,8 @@ def to_int8(fp32_path: Path, out_path: Path, *, reader=None, cache_path: Path, m
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"weight bits {weight_bits!r}: choose one of {', '.join(map(str, WEIGHT_BITS))}")
     if nodes_to_quantize is not None and not nodes_to_quantize:
         raise ValueError("nodes_to_quantize is empty: nothing would be quantized")
     extra_options = {
@@ -173,7 +178,7 @@ def to_int8(fp32_path: Path, out_path: Path, *, reader=None, cache_path: Path, m
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(INT8_OP_TYPES),
                 per_channel=True,
-                reduce_range=True,  # 7-bit weights, see WEIGHT_RANGE
+                reduce_range=weight_bits == 7,  # 7-bit weights by default, see WEIGHT_RANGE
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(nodes_to_quantize or []),

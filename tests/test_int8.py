@@ -146,9 +146,50 @@ def test_int8_runs_on_onnxruntime_and_openvino_with_the_same_report(int8_bundle,
     assert abs(ov_report.flip_rate - ort_report.flip_rate) <= 0.02
     assert abs(ov_report.max_probability_error - ort_report.max_probability_error) <= 0.05
     assert AccuracyLimits(0.8, 0.05).accepts(ov_report)
-    # bf16 is an OpenVINO option on an fp32 bundle (f32 on CPUs without native bf16, as here).
+    # bf16 is an OpenVINO option on an fp32 bundle (compiled f32 on CPUs without native bf16).
     bf16 = Tagger(fp32_bundle, backend="openvino", backend_options={"inference_precision": "bf16", "cache_dir": None})
     assert compare_logits(reference, _logits(bf16, evaluation), thresholds).top10_agreement >= 0.9
+
+
+def test_full_range_weights_on_request(photos, fp32_bundle, tmp_path):
+    """--int8-weight-bits 8: the same symmetric per-channel Q/DQ with weights over the whole int8 range, recorded
+    in the manifest; it still runs on onnxruntime within the limits it was exported under."""
+    out = tmp_path / "w8"
+    code = export_main(["--demo", VARIANT, "--num-tags", str(TAGS), "--no-text-encoder", "--precision", "int8",
+                        "--int8-weight-bits", "8", "--calibration-images", str(photos), "--calibration-size", "4",
+                        "--sensitivity-images", "1", "--min-top10-agreement", "0.8", "--max-flip-rate", "0.05",
+                        "--out", str(out), "-q"])
+    assert code == 0
+    manifest = bf.read_manifest(out)
+    quant = manifest["quantization"]
+    assert quant["weight_bits"] == 8 and quant["weight_range"] == [-127, 127]
+    largest = 0
+    for graph in ("encoder", "decoder"):
+        proto = onnx.load(str(out / manifest["graphs"][graph]["file"]))
+        inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+        for node in proto.graph.node:
+            if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+                w = inits[node.input[0]].astype(np.int32)
+                assert not inits[node.input[2]].any() and np.abs(w).max() <= 127
+                largest = max(largest, int(np.abs(w).max()))
+    assert largest == 127  # per-channel symmetric scales put each channel's largest weight at 127
+    evaluation = split_images(photos, calibration_size=4).evaluation
+    reference = _logits(Tagger(fp32_bundle, providers=["CPUExecutionProvider"]), evaluation)
+    tagger = Tagger(out, providers=["CPUExecutionProvider"])
+    report = compare_logits(reference, _logits(tagger, evaluation), tagger.vocabulary.threshold_array(tagger.default_threshold))
+    assert report.flips == manifest["accuracy"]["flips"] and AccuracyLimits(0.8, 0.05).accepts(report)
+
+
+def test_seven_bit_weights_are_the_default_and_bits_are_checked(photos, tmp_path, capsys):
+    from ram_edge.export import CalibrationOptions
+
+    assert CalibrationOptions(str(photos)).weight_bits == 7
+    with pytest.raises(Exception, match="--int8-weight-bits"):
+        CalibrationOptions(str(photos), weight_bits=6)
+    base = ["--demo", VARIANT, "--num-tags", str(TAGS), "--no-text-encoder", "--out", str(tmp_path / "b")]
+    assert export_main(base + ["--precision", "fp16", "--int8-weight-bits", "8"]) == 2
+    assert "--int8-weight-bits applies to --precision int8" in capsys.readouterr().err
+    assert export_main(base + ["--precision", "int8", "--calibration-images", str(photos), "--int8-weight-bits", "6"]) == 2
 
 
 def test_cli_refuses_past_the_limits_and_writes_nothing(photos, tmp_path, capsys):
