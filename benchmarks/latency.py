@@ -596,6 +596,16 @@ def measure_accuracy(engines, reference: str, image_paths: Sequence[Path], prepr
             for name, value in logits.items()}
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write (PNG, 120 dpi) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_speed_vs_agreement(report: dict, out_dir: Path) -> List[str]:
     """Speed-up over torch eager (batch 1, end to end) against top-10 agreement with fp32, one point per
     engine, the flip rate written beside it."""
@@ -620,10 +630,7 @@ def plot_speed_vs_agreement(report: dict, out_dir: Path) -> List[str]:
     ax.set_ylabel("speed-up vs torch eager, end to end (batch 1)")
     ax.set_title(f"Speed vs agreement ({main['tags']} tags)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out_dir / "speed_vs_agreement.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, out_dir / "speed_vs_agreement.png")
     return [str(path)]
 
 
@@ -704,10 +711,7 @@ def plot(report: dict, out_dir: Path) -> List[str]:
     ax.set_title(f"Decoder latency vs vocabulary size (dotted: linear fit)\n{machine}", fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "latency_vs_tags.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, out_dir / "latency_vs_tags.png")
     written.append(str(path))
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
@@ -731,10 +735,7 @@ def plot(report: dict, out_dir: Path) -> List[str]:
     ax.set_title(f"Latency per image vs batch ({report['main']['tags']} tags)\n{machine}", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "latency_vs_batch.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, out_dir / "latency_vs_batch.png")
     written.append(str(path))
     return written
 
@@ -1198,10 +1199,7 @@ def plot_caption(report: dict, out_dir: Path, beams: int) -> List[str]:
     ax.set_yscale("log")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out_dir / "caption_step_vs_position.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    path = save_figure(fig, out_dir / "caption_step_vs_position.png")
     return [str(path)]
 
 
