@@ -13,7 +13,7 @@ one image at a time and merges the statistics, so memory holds one image's inter
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
@@ -92,17 +92,20 @@ class ImageReader(_RangedReader):
 
 
 class EmbeddingReader(_RangedReader):
-    """Decoder feeds ``{image_embeds: (1, N, E), label_embed, label_mask}``: one image's embeddings with
-    the whole vocabulary (T, D, E) per call (the same arrays every call, never copied)."""
+    """Decoder feeds ``{image_embeds: (1, N, E), label_embed, label_mask, **per_tag}``: one image's
+    embeddings with the whole vocabulary (T, D, E) per call (the same arrays every call, never copied);
+    ``per_tag``: the vocabulary's further per-tag decoder inputs (Tag2Text's classifier rows)."""
 
     def __init__(self, image_embeds: Sequence[np.ndarray], label_embed: np.ndarray, label_mask: np.ndarray, *,
-                 progress: Optional[Progress] = None, what: str = "decoder calibration images"):
+                 per_tag: Optional[Mapping[str, np.ndarray]] = None, progress: Optional[Progress] = None,
+                 what: str = "decoder calibration images"):
         self.image_embeds = list(image_embeds)
         self.label_embed = np.ascontiguousarray(label_embed, dtype=np.float32)
         self.label_mask = np.ascontiguousarray(label_mask, dtype=np.bool_)
+        self.per_tag = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in (per_tag or {}).items()}
         super().__init__(len(self.image_embeds), what, progress)
 
     def feeds(self, index: int) -> Dict[str, np.ndarray]:
         embeds = self.image_embeds[index]
         return {bf.IMAGE_EMBEDS: embeds if embeds.ndim == 3 else embeds[None],
-                bf.LABEL_EMBED: self.label_embed, bf.LABEL_MASK: self.label_mask}
+                bf.LABEL_EMBED: self.label_embed, bf.LABEL_MASK: self.label_mask, **self.per_tag}

@@ -163,6 +163,8 @@ class AccuracyCheck:
         self.evaluation_source = evaluation_source
         self.label_embed = np.array(vocabulary.embeddings, dtype=np.float32)
         self.label_mask = np.array(vocabulary.mask, dtype=np.bool_)
+        # Tag2Text's classifier rows: further decoder inputs, one row per tag.
+        self.per_tag = {name: np.array(array, dtype=np.float32) for name, array in vocabulary.per_tag.items()}
         self.thresholds = vocabulary.threshold_array(DEFAULT_THRESHOLD)
         self.fp32: Dict[str, Path] = {}
         self._reference: Optional[np.ndarray] = None
@@ -177,7 +179,8 @@ class AccuracyCheck:
 
     # -- running graphs ------------------------------------------------------------------------------
     def decoder_feeds(self, embeds: np.ndarray) -> Dict[str, np.ndarray]:
-        return {bf.IMAGE_EMBEDS: embeds, bf.LABEL_EMBED: self.label_embed, bf.LABEL_MASK: self.label_mask}
+        return {bf.IMAGE_EMBEDS: embeds, bf.LABEL_EMBED: self.label_embed, bf.LABEL_MASK: self.label_mask,
+                **self.per_tag}
 
     @staticmethod
     def encode(session, pixels: Sequence[np.ndarray]) -> List[np.ndarray]:
@@ -257,10 +260,11 @@ class Int8Calibration(AccuracyCheck):
         return None
 
     def _torch_decode(self, embeds: Sequence[np.ndarray]) -> np.ndarray:
+        per_tag = {name: torch.from_numpy(array) for name, array in self.per_tag.items()}
         with torch.no_grad():
             return np.concatenate([
                 self.model.decode(torch.from_numpy(e), torch.from_numpy(self.label_embed),
-                                  torch.from_numpy(self.label_mask)).numpy()
+                                  torch.from_numpy(self.label_mask), **per_tag).numpy()
                 for e in embeds
             ])
 
@@ -287,7 +291,7 @@ class Int8Calibration(AccuracyCheck):
         embeds = []
         while (feeds := self.calibration.get_next()) is not None:
             embeds.append(encoder.run(None, feeds)[0])
-        reader = EmbeddingReader(embeds, self.label_embed, self.label_mask, progress=self.say)
+        reader = EmbeddingReader(embeds, self.label_embed, self.label_mask, per_tag=self.per_tag, progress=self.say)
         fp32 = _session(fp32_path)
         int8_embeds = embeds[: len(self.sensitivity_pixels)]
         behind_int8 = self.decode(fp32, int8_embeds)

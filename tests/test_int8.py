@@ -192,6 +192,24 @@ def test_seven_bit_weights_are_the_default_and_bits_are_checked(photos, tmp_path
     assert export_main(base + ["--precision", "int8", "--calibration-images", str(photos), "--int8-weight-bits", "6"]) == 2
 
 
+def test_tag2text_int8_feeds_its_classifier_rows(photos, tmp_path):
+    """Tag2Text's decoder reads per-tag classifier rows besides label_embed / label_mask: calibration, the
+    sensitivity search and the accuracy report feed them too; its captioning graphs stay fp32."""
+    out = tmp_path / "t2t"
+    code = export_main(["--demo", "tag2text_tiny_384", "--num-tags", str(TAGS), "--precision", "int8",
+                        "--calibration-images", str(photos), "--calibration-size", "4", "--sensitivity-images", "1",
+                        "--min-top10-agreement", "0", "--max-flip-rate", "1", "--out", str(out), "-q"])
+    assert code == 0
+    manifest = bf.read_manifest(out)
+    assert manifest["precision"] == "int8" and manifest["caption"]["precision"] == "fp32"
+    assert sorted(manifest["vocabulary"]["per_tag"]) == ["label_fc_bias", "label_fc_weight"]
+    evaluation = split_images(photos, calibration_size=4).evaluation
+    tagger = Tagger(out, providers=["CPUExecutionProvider"])
+    assert _logits(tagger, evaluation).shape == (len(evaluation), TAGS)
+    assert manifest["accuracy"]["images"] == len(evaluation) and manifest["accuracy"]["tags"] == TAGS
+    assert tagger.caption(evaluation[0]).token_ids
+
+
 def test_cli_refuses_past_the_limits_and_writes_nothing(photos, tmp_path, capsys):
     out = tmp_path / "b"
     code = export_main(["--demo", VARIANT, "--num-tags", str(TAGS), "--no-text-encoder", "--precision", "fp16",
