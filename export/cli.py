@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ram_edge.calibration.accuracy import DEFAULT_MAX_FLIP_RATE, DEFAULT_MIN_TOP10_AGREEMENT
     from ram_edge.calibration.images import DEFAULT_CALIBRATION_SIZE, DEFAULT_EVAL_SIZE
     from ram_edge.export.options import DEFAULT_SENSITIVITY_IMAGES
-    from ram_edge.export.precision import CALIBRATION_METHODS, PRECISIONS
+    from ram_edge.export.precision import CALIBRATION_METHODS, PRECISIONS, WEIGHT_BITS
     from ram_edge.models.config import PRESETS
 
     parser = argparse.ArgumentParser(
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"calibrate on at most N images of the folder (default {DEFAULT_CALIBRATION_SIZE})")
     int8.add_argument("--calibration-method", choices=list(CALIBRATION_METHODS), default="minmax",
                       help="activation ranges: minmax (default), entropy or percentile (99.999 %%)")
-    int8.add_argument("--int8-weight-bits", type=int, choices=[7, 8], default=7, metavar="{7,8}",
+    int8.add_argument("--int8-weight-bits", type=int, choices=list(WEIGHT_BITS), default=7, metavar="{7,8}",
                       help="7 (default): weights within +-64, the same results on every x86 CPU (AVX2 without VNNI "
                       "saturates full-range products); 8: full int8 range, finer weights, for bundles that run only on "
                       "CPUs with VNNI / AMX or on TensorRT")

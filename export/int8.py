@@ -53,7 +53,7 @@ from ram_edge.vocabulary import Vocabulary
 from .graphs import GraphSpec
 from .options import DEFAULT_SENSITIVITY_IMAGES
 from .precision import (
-    CALIBRATION_METHODS, INT8_OP_TYPES, WEIGHT_BITS, WEIGHT_RANGE, quantized_nodes, to_int8, with_quantized_subset,
+    CALIBRATION_METHODS, INT8_OP_TYPES, WEIGHT_BITS, WEIGHT_RANGES, quantized_nodes, to_int8, with_quantized_subset,
 )
 
 #: Share of each error budget the encoder may use (the decoder gets the rest).
@@ -226,7 +226,8 @@ class CalibrationOptions:
         if self.method not in CALIBRATION_METHODS:
             raise CalibrationError(f"--calibration-method {self.method!r}: choose one of {', '.join(CALIBRATION_METHODS)}")
         if self.weight_bits not in WEIGHT_BITS:
-            raise CalibrationError(f"--int8-weight-bits {self.weight_bits!r}: choose 7 or 8")
+            raise CalibrationError(f"--int8-weight-bits {self.weight_bits!r}: choose one of "
+                                   f"{', '.join(map(str, WEIGHT_BITS))}")
         if self.sensitivity_images < 1:
             raise CalibrationError(f"--sensitivity-images must be at least 1, got {self.sensitivity_images}")
 
@@ -376,7 +377,7 @@ class Int8Calibration(AccuracyCheck):
             "op_types": list(INT8_OP_TYPES),
             "weights": "int8, symmetric, per output channel",
             "weight_bits": self.options.weight_bits,
-            "weight_range": list(WEIGHT_RANGE) if self.options.weight_bits == 7 else [-127, 127],
+            "weight_range": list(WEIGHT_RANGES[self.options.weight_bits]),
             "activations": "int8, symmetric, per tensor (inputs of the quantized products only)",
             "calibration_method": self.options.method,
             "calibration_images": len(self.calibration),

@@ -47,16 +47,16 @@ PRECISIONS = tuple(LOGIT_TOLERANCE)
 #: bias add and what follows read float), as TensorRT's explicit-quantization guide places Q/DQ.
 INT8_OP_TYPES = ("MatMul", "Conv", "Gemm")
 
-#: Weights are symmetric int8 values within [-64, 64] (onnxruntime's ``reduce_range``): x86 CPUs without
-#: VNNI (AVX2 only, like the dev machine) multiply u8 x s8 with ``vpmaddubsw``, which saturates the int16
-#: sum of two products; with full-range weights onnxruntime and OpenVINO then computed up to 0.30 away
-#: from the graph's own Q/DQ arithmetic (tiny demo encoder), with 7-bit weights within 0.03 / 0.05. The
-#: graph stays plain symmetric int8 for TensorRT and VNNI CPUs, and its accuracy report holds on every
-#: backend and CPU instead of only on the one it was measured on.
-WEIGHT_RANGE = (-64, 64)
-#: ``--int8-weight-bits``: 7 (default, :data:`WEIGHT_RANGE`) or 8 (full int8 range, [-127, 127]) for bundles
-#: that only run where products do not saturate (CPUs with AVX-512 VNNI / AVX-VNNI / AMX, TensorRT).
-WEIGHT_BITS = (7, 8)
+#: ``--int8-weight-bits`` -> the symmetric int8 range of the weights. 7 (the default) is onnxruntime's
+#: ``reduce_range``: x86 CPUs without VNNI (AVX2 only, like an earlier dev machine) multiply u8 x s8 with
+#: ``vpmaddubsw``, which saturates the int16 sum of two products; with full-range weights onnxruntime and
+#: OpenVINO then computed up to 0.30 away from the graph's own Q/DQ arithmetic (tiny demo encoder), with
+#: 7-bit weights within 0.03 / 0.05. The graph stays plain symmetric int8 for TensorRT and VNNI CPUs, and
+#: its accuracy report holds on every backend and CPU instead of only on the one it was measured on.
+#: 8 is the full range, for bundles that only run where products do not saturate (CPUs with AVX-512 VNNI /
+#: AVX-VNNI / AMX, TensorRT).
+WEIGHT_RANGES = {7: (-64, 64), 8: (-127, 127)}
+WEIGHT_BITS = tuple(WEIGHT_RANGES)
 
 #: --calibration-method -> onnxruntime's CalibrationMethod member name.
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -178,7 +178,7 @@ def to_int8(fp32_path: Path, out_path: Path, *, reader=None, cache_path: Path, m
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(INT8_OP_TYPES),
                 per_channel=True,
-                reduce_range=weight_bits == 7,  # 7-bit weights by default, see WEIGHT_RANGE
+                reduce_range=weight_bits == 7,  # see WEIGHT_RANGES
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,
                 nodes_to_quantize=list(nodes_to_quantize or []),
