@@ -190,9 +190,7 @@ def _write_graph(spec: GraphSpec, directory: Path, precision: str, opset: int, m
     elif precision == "int8-dynamic":
         say(f"quantizing the {spec.name}'s weights to int8 (dynamic activations)")
         proto = to_int8_dynamic(path)
-    elif precision == "int8":
-        if not isinstance(accuracy, Int8Calibration):
-            raise ExportError("--precision int8 needs calibration images (--calibration-images DIR)")
+    elif precision == "int8":  # export_bundle made ``accuracy`` the Int8Calibration
         say(f"quantizing the {spec.name} to static int8 (calibrated Q/DQ)")
         del proto
         proto = accuracy.convert(spec, path)
@@ -355,12 +353,7 @@ def export_bundle(
     precision's tolerance, ``ExportError`` for other failures.
     """
     check_export_options(precision=precision, opset=opset, max_batch=max_batch, vocab_dtype=vocab_dtype,
-                         text_precision=text_precision)
-    if precision == "int8" and calibration is None:
-        raise ExportError("--precision int8 needs calibration images: --calibration-images DIR (a few hundred of "
-                          "your own photos)")
-    if calibration is not None and precision != "int8":
-        raise ExportError(f"--calibration-images applies to --precision int8, not {precision}")
+                         text_precision=text_precision, calibration_images=calibration and calibration.images)
     limits = accuracy_limits or AccuracyLimits()
     say = progress or (lambda message: None)
     started = time.perf_counter()

@@ -150,10 +150,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
                 list_images(path, flag)
             except CalibrationError as e:
                 parser.error(str(e))
-    if args.precision == "int8" and not args.calibration_images:
-        parser.error("--precision int8 needs --calibration-images DIR (a few hundred of your own photos)")
-    if args.calibration_images and args.precision != "int8":
-        parser.error(f"--calibration-images applies to --precision int8, not {args.precision}")
     if args.int8_weight_bits != 7 and args.precision != "int8":
         parser.error(f"--int8-weight-bits applies to --precision int8, not {args.precision}")
     if not (args.checkpoint or args.demo) and (args.calibration_images or args.eval_images):
@@ -168,7 +164,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"{flag} must be within 0 and 1, got {value}")
     try:
         check_export_options(precision=args.precision, opset=args.opset, max_batch=args.max_batch,
-                             vocab_dtype=args.vocab_dtype, text_precision=args.text_precision)
+                             vocab_dtype=args.vocab_dtype, text_precision=args.text_precision,
+                             calibration_images=args.calibration_images)
     except ExportError as e:
         parser.error(str(e))
 

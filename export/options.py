@@ -3,6 +3,8 @@ spends seconds importing torch and building a model."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 from .precision import PRECISIONS, TEXT_PRECISIONS
 
 DEFAULT_OPSET = 17
@@ -18,10 +20,16 @@ class ExportError(RuntimeError):
 
 
 def check_export_options(*, precision: str = "fp32", opset: int = DEFAULT_OPSET, max_batch: int = DEFAULT_MAX_BATCH,
-                         vocab_dtype: str = "auto", text_precision: str = "fp32") -> None:
-    """Refuse bad export options (in ``ram-export``'s flag names) before any model is built."""
+                         vocab_dtype: str = "auto", text_precision: str = "fp32",
+                         calibration_images: Optional[str] = None) -> None:
+    """Refuse bad export options (in ``ram-export``'s flag names) before any model is built.
+    ``calibration_images``: the calibration folder, which int8 needs and no other precision takes."""
     if precision not in PRECISIONS:
         raise ExportError(f"--precision {precision!r} is not supported; choose one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and not calibration_images:
+        raise ExportError("--precision int8 needs --calibration-images DIR (a few hundred of your own photos)")
+    if calibration_images and precision != "int8":
+        raise ExportError(f"--calibration-images applies to --precision int8, not {precision}")
     if opset < MIN_OPSET:
         raise ExportError(f"--opset {opset}: use {MIN_OPSET} or newer (LayerNormalization as one node)")
     if max_batch < 1:

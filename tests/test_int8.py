@@ -180,6 +180,19 @@ def test_full_range_weights_on_request(photos, fp32_bundle, tmp_path):
     assert report.flips == manifest["accuracy"]["flips"] and AccuracyLimits(0.8, 0.05).accepts(report)
 
 
+def test_export_bundle_checks_calibration_as_the_cli_does(photos, tmp_path):
+    """The library call refuses what ram-export refuses, with the same check (check_export_options)."""
+    from ram_edge.export import CalibrationOptions, ExportError, export_bundle
+    from ram_edge.models import demo_model
+
+    model = demo_model(VARIANT, num_tags=TAGS)
+    with pytest.raises(ExportError, match="--precision int8 needs --calibration-images"):
+        export_bundle(model, tmp_path / "a", precision="int8")
+    with pytest.raises(ExportError, match="--calibration-images applies to --precision int8, not fp16"):
+        export_bundle(model, tmp_path / "b", precision="fp16", calibration=CalibrationOptions(str(photos)))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_seven_bit_weights_are_the_default_and_bits_are_checked(photos, tmp_path, capsys):
     from ram_edge.export import CalibrationOptions
 
